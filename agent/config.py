@@ -1,0 +1,448 @@
+"""Configuration: a YAML, TOML or JSON file (chosen by extension), overridden by
+``UAC_AGENT_*`` environment variables (``__`` for nesting).
+
+Connection objects use the seed's field names (``external_uac_settings``,
+``internal_uac_settings``), so a payload from the product docs can be pasted in.
+Errors are reported as :class:`ConfigError` with one line per problem naming the
+field; secrets are never echoed.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agent.core.policy import PolicySettings
+
+__all__ = [
+    "MAX_CONNECTIONS",
+    "AgentSettings",
+    "ConfigError",
+    "Connection",
+    "ExternalUacSettings",
+    "InternalUacSettings",
+    "RegistrationKnobs",
+    "load_settings",
+    "parse_sip_uri",
+]
+
+# pjsua2's compile-time PJSUA_MAX_ACC: the 9th account aborts the process.
+MAX_CONNECTIONS = 8
+
+_SECRET_FIELDS = {"password", "api_key"}
+_USERPART = r"[A-Za-z0-9._~!$&'()*+,;=%-]+"
+_HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
+_URI_RE = re.compile(
+    rf"^(?P<scheme>sips?):(?:(?P<user>{_USERPART})@)?(?P<host>{_HOST})(?::(?P<port>\d{{1,5}}))?"
+    r"(?P<params>(?:;[A-Za-z0-9._~!$&'()*+=%-]+(?:=[A-Za-z0-9._~!$&'()*+%:-]*)?)*)$"
+)
+_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_USER_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=?/%-]{1,128}$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def parse_sip_uri(value: str) -> dict[str, str]:
+    """Split a ``sip:``/``sips:`` URI; raise ValueError naming what is wrong."""
+    m = _URI_RE.match(value.strip())
+    if not m:
+        raise ValueError("must be a SIP URI such as sip:pbx.example.com:5060")
+    parts = {k: v for k, v in m.groupdict().items() if v}
+    if "port" in parts and not 1 <= int(parts["port"]) <= 65535:
+        raise ValueError("port must be 1-65535")
+    return parts
+
+
+def _normalise_uri(value: str, *, allow_user: bool) -> str:
+    v = value.strip()
+    if not v.lower().startswith(("sip:", "sips:")):
+        v = "sip:" + v
+    parts = parse_sip_uri(v)
+    if not allow_user and "user" in parts:
+        raise ValueError("must address a server, without a user part (sip:host[:port])")
+    return v
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class RegistrationKnobs(_Strict):
+    """The registration policy's knobs; every one can be set per connection."""
+
+    initial_delay_max_sec: Annotated[float, Field(ge=0, le=3600)] | None = None
+    refresh_margin_sec: Annotated[float, Field(ge=1, le=3600)] | None = None
+    retry_base_sec: Annotated[float, Field(gt=0, le=3600)] | None = None
+    retry_max_sec: Annotated[float, Field(gt=0, le=86400)] | None = None
+    forbidden_retry_interval: Annotated[float, Field(ge=1, le=86400)] | None = None
+    register_timeout_sec: Annotated[float, Field(ge=5, le=300)] | None = None
+
+    def merged(self, base: RegistrationKnobs) -> RegistrationKnobs:
+        data = base.model_dump()
+        data.update({k: v for k, v in self.model_dump().items() if v is not None})
+        return RegistrationKnobs(**data)
+
+
+DEFAULT_KNOBS = RegistrationKnobs(
+    initial_delay_max_sec=2.0,
+    refresh_margin_sec=30.0,
+    retry_base_sec=30.0,
+    retry_max_sec=1800.0,
+    forbidden_retry_interval=300.0,
+    register_timeout_sec=40.0,
+)
+
+
+class ExternalUacSettings(_Strict):
+    """Seed 000/002: how the agent registers to the PBX."""
+
+    proxy: str
+    outbound_proxy: str | None = None
+    transport: Literal["UDP", "TCP", "TLS"] = "UDP"
+    username: str
+    auth_username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    from_user: str | None = None
+    expiration_sec: Annotated[int, Field(ge=10, le=86400)] = 3600
+
+    @field_validator("transport", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("proxy", "outbound_proxy")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        return None if v is None or v == "" else _normalise_uri(v, allow_user=False)
+
+    @field_validator("username", "auth_username", "from_user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not _USER_RE.match(v):
+            raise ValueError("must be 1-128 characters allowed in a SIP user part (no spaces, '@' or ':')")
+        return v
+
+    @model_validator(mode="after")
+    def _password(self) -> ExternalUacSettings:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set either password or password_file, not both")
+        if self.password_file is not None:
+            try:
+                secret = self.password_file.read_text().rstrip("\r\n")
+            except OSError as e:
+                raise ValueError(f"password_file {self.password_file} cannot be read: {e.strerror}") from None
+            self.password = SecretStr(secret)
+        if self.password is None:
+            raise ValueError("password (or password_file) is required")
+        return self
+
+    @property
+    def effective_auth_username(self) -> str:
+        return self.auth_username or self.username
+
+    @property
+    def effective_from_user(self) -> str:
+        return self.from_user or self.username
+
+
+class InternalUacSettings(_Strict):
+    """Seed 000: where the PBX's calls go (``<extension>@<application FQDN>``)."""
+
+    destination_uri: str | None = None
+
+    @field_validator("destination_uri")
+    @classmethod
+    def _dest(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        _normalise_uri(v, allow_user=True)
+        return v
+
+
+class Connection(_Strict):
+    connection_id: str
+    user_id: str
+    connection_name: str = ""
+    active: bool = True
+    external_uac_settings: ExternalUacSettings | None = None
+    internal_uac_settings: InternalUacSettings = Field(default_factory=InternalUacSettings)
+    registration: RegistrationKnobs = Field(default_factory=RegistrationKnobs)
+
+    @field_validator("connection_id", "user_id", mode="before")
+    @classmethod
+    def _id(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if isinstance(v, str) and not _ID_RE.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+    @property
+    def pair_state(self) -> str:
+        ext = self.external_uac_settings
+        if self.active and ext is not None and ext.proxy and self.internal_uac_settings.destination_uri:
+            return "ACTIVE"
+        return "INACTIVE"
+
+    @property
+    def registers(self) -> bool:
+        """Whether the agent keeps a registration for this connection."""
+        return self.active and self.external_uac_settings is not None
+
+
+class SipSettings(_Strict):
+    bind: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 5070
+    tls_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    tls_ca_file: Path | None = None
+    tls_verify_server: bool = True
+    user_agent: str = "uac-agent"
+    trace: bool = False  # log every SIP message, Authorization values redacted
+    stack_log_level: Annotated[int, Field(ge=0, le=6)] = 1
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError("must be an IP address of this host, e.g. 127.0.0.1 or 0.0.0.0") from None
+        return v
+
+    @property
+    def effective_tls_port(self) -> int:
+        return self.tls_port or self.port + 1
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _ca(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"{v} is not a readable file")
+        return v
+
+
+class HttpSettings(_Strict):
+    listen: str = "127.0.0.1:8080"
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            raise ValueError("host must be an IP address, e.g. 127.0.0.1:8080") from None
+        return v
+
+    @model_validator(mode="after")
+    def _key(self) -> HttpSettings:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("set either api_key or api_key_file, not both")
+        if self.api_key_file is not None:
+            try:
+                self.api_key = SecretStr(self.api_key_file.read_text().strip())
+            except OSError as e:
+                raise ValueError(f"api_key_file {self.api_key_file} cannot be read: {e.strerror}") from None
+        if self.api_key is None or not self.api_key.get_secret_value():
+            raise ValueError("api_key (or api_key_file) is required: the status endpoint needs a Bearer key")
+        return self
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+class LogSettings(_Strict):
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+_config_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("uac_agent_config_file", default=None)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The config file, parsed by its extension."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _config_file.get()
+        if path is None:
+            return {}
+        return read_config_file(path)
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="UAC_AGENT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        nested_model_default_partial_update=True,
+    )
+
+    sip: SipSettings = Field(default_factory=SipSettings)
+    http: HttpSettings
+    log: LogSettings = Field(default_factory=LogSettings)
+    defaults: RegistrationKnobs = Field(default_factory=RegistrationKnobs)
+    shutdown_timeout_sec: Annotated[float, Field(gt=0, le=60)] = 5.0
+    connections: list[Connection] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _connections(self) -> AgentSettings:
+        registering = [c for c in self.connections if c.registers]
+        if len(registering) > MAX_CONNECTIONS:
+            raise ValueError(
+                f"{len(registering)} active connections configured, but one agent process can hold at most "
+                f"{MAX_CONNECTIONS} (pjsua2's PJSUA_MAX_ACC): run another agent process for the rest"
+            )
+        seen: set[str] = set()
+        for c in self.connections:
+            if c.connection_id in seen:
+                raise ValueError(f"connection_id {c.connection_id!r} is used by more than one connection")
+            seen.add(c.connection_id)
+        if any(c.external_uac_settings and c.external_uac_settings.transport == "TLS" for c in registering):
+            if self.sip.tls_ca_file is None and self.sip.tls_verify_server:
+                raise ValueError("a TLS connection needs sip.tls_ca_file to verify the PBX certificate")
+        return self
+
+    def knobs_for(self, conn: Connection) -> RegistrationKnobs:
+        return conn.registration.merged(self.defaults.merged(DEFAULT_KNOBS))
+
+    def policy_settings(self, conn: Connection) -> PolicySettings:
+        k = self.knobs_for(conn)
+        ext = conn.external_uac_settings
+        assert k.initial_delay_max_sec is not None and k.refresh_margin_sec is not None
+        assert k.retry_base_sec is not None and k.retry_max_sec is not None
+        assert k.forbidden_retry_interval is not None and k.register_timeout_sec is not None
+        return PolicySettings(
+            expiration_sec=ext.expiration_sec if ext else 3600,
+            initial_delay_max_sec=k.initial_delay_max_sec,
+            refresh_margin_sec=k.refresh_margin_sec,
+            retry_base_sec=k.retry_base_sec,
+            retry_max_sec=max(k.retry_max_sec, k.retry_base_sec),
+            forbidden_retry_interval_sec=k.forbidden_retry_interval,
+            register_timeout_sec=k.register_timeout_sec,
+            unregister_timeout_sec=self.shutdown_timeout_sec,
+        )
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read config file: {e.strerror}"]) from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError([f"{path}: unknown config format {suffix!r}: use .yaml, .yml, .toml or .json"])
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}:{where}: invalid YAML: {getattr(e, 'problem', None) or e}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: invalid TOML: {e}"]) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"{path}: line {e.lineno} column {e.colno}: invalid JSON: {e.msg}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of settings"])
+    return data
+
+
+def _loc(loc: tuple[int | str, ...], data: dict[str, Any] | None) -> str:
+    parts: list[str] = []
+    node: Any = data
+    for item in loc:
+        if isinstance(item, int):
+            label = f"[{item}]"
+            if isinstance(node, list) and item < len(node):
+                node = node[item]
+                if isinstance(node, dict) and isinstance(node.get("connection_id"), (str, int)):
+                    label = f"[{item}](connection_id={node['connection_id']})"
+            parts.append(label)
+        else:
+            if item in ("function-after", "function-before", "function-wrap", "tagged-union"):
+                continue
+            parts.append(("." if parts else "") + str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts) or "(top level)"
+
+
+def format_validation_error(err: ValidationError, data: dict[str, Any] | None) -> list[str]:
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = tuple(e["loc"])
+        where = _loc(loc, data)
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting (check the spelling against the config reference)"
+        secret = any(str(p) in _SECRET_FIELDS for p in loc)
+        inp = e.get("input")
+        shown = ""
+        if not secret and isinstance(inp, (str, int, float, bool)) and e["type"] != "missing":
+            s = repr(inp)
+            shown = f" (got {s if len(s) <= 60 else s[:57] + '...'})"
+        lines.append(f"{where}: {msg}{shown}")
+    return lines
+
+
+def load_settings(path: Path | None) -> AgentSettings:
+    """Read ``path`` (may be None: environment only); raise ConfigError on any problem."""
+    data = read_config_file(path) if path is not None else None
+    token = _config_file.set(path)
+    try:
+        return AgentSettings()  # filled by the file and environment sources
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, data)) from None
+    finally:
+        _config_file.reset(token)

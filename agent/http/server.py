@@ -1,0 +1,194 @@
+"""HTTP: ``/metrics``, ``/healthz``, ``/readyz`` and ``GET /v2/sip_registration_status``.
+
+Runs on its own threads (stdlib ``ThreadingHTTPServer``) and never touches
+pjsua2: it reads the immutable status snapshots the SIP thread publishes.
+Errors follow the API's usual shape: ``{"errors": [{"code", "title", "detail",
+"source"}]}``, each naming the problem.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from agent.status import ConnectionStatus
+
+__all__ = ["HttpServer", "StatusApi"]
+
+CREDENTIAL_TYPES = ("uac_third-party_credential", "telephony_credential", "sip_credential_connection")
+SERVED_CREDENTIAL_TYPE = "uac_third-party_credential"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, title: str, detail: str, parameter: str | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.body: dict[str, Any] = {"code": code, "title": title, "detail": detail}
+        if parameter is not None:
+            self.body["source"] = {"parameter": parameter}
+
+
+class StatusApi:
+    """The request logic, apart from the socket plumbing (tests call it directly too)."""
+
+    def __init__(
+        self,
+        api_key: str,
+        statuses: Callable[[], Mapping[str, ConnectionStatus]],
+        sip_alive: Callable[[], bool],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._key = api_key.encode()
+        self._statuses = statuses
+        self._sip_alive = sip_alive
+        self._registry = registry
+
+    def handle(self, method: str, target: str, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
+        url = urlsplit(target)
+        path = url.path.rstrip("/") or "/"
+        try:
+            if method not in ("GET", "HEAD"):
+                raise ApiError(405, "method_not_allowed", "Method Not Allowed", f"{method} is not served on {path}")
+            if path == "/metrics":
+                return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
+            if path == "/healthz":
+                alive = self._sip_alive()
+                body = {"status": "ok" if alive else "sip thread down", "sip_thread": alive}
+                return _json(200 if alive else 503, body)
+            if path == "/readyz":
+                return self._readyz()
+            if path == "/v2/sip_registration_status":
+                return _json(200, self._registration_status(url.query, headers))
+            raise ApiError(404, "not_found", "Not Found", f"no resource at {path}")
+        except ApiError as e:
+            return _json(e.status, {"errors": [e.body]})
+
+    def _readyz(self) -> tuple[int, str, bytes]:
+        if not self._sip_alive():
+            return _json(503, {"ready": False, "reason": "sip thread down", "not_registered": []})
+        waiting = sorted(cid for cid, st in self._statuses().items() if st.connection.registers and not st.registered)
+        body = {"ready": not waiting, "not_registered": waiting}
+        return _json(200 if not waiting else 503, body)
+
+    def _authorize(self, headers: Mapping[str, str]) -> None:
+        value = headers.get("authorization")
+        if not value:
+            raise ApiError(401, "unauthorized", "Unauthorized", "missing Authorization header: send 'Bearer <api_key>'")
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "unauthorized", "Unauthorized", "Authorization must be 'Bearer <api_key>'")
+        if not hmac.compare_digest(token.strip().encode(), self._key):
+            raise ApiError(401, "unauthorized", "Unauthorized", "invalid API key")
+
+    def _registration_status(self, query: str, headers: Mapping[str, str]) -> dict[str, Any]:
+        self._authorize(headers)
+        try:
+            params = parse_qs(query, keep_blank_values=True, strict_parsing=False, max_num_fields=20)
+        except ValueError as e:
+            raise ApiError(400, "invalid_parameter", "Bad Request", f"query string is malformed: {e}") from None
+        values: dict[str, str] = {}
+        for name in ("credential_type", "connection_id", "user_id"):
+            got = params.get(name)
+            if not got or not got[0].strip():
+                raise ApiError(400, "missing_parameter", "Bad Request", f"query parameter {name} is required", name)
+            if len(got) > 1:
+                raise ApiError(400, "invalid_parameter", "Bad Request", f"query parameter {name} is given twice", name)
+            values[name] = got[0].strip()
+        ctype = values["credential_type"]
+        if ctype not in CREDENTIAL_TYPES:
+            raise ApiError(
+                400,
+                "invalid_parameter",
+                "Bad Request",
+                f"credential_type must be one of {', '.join(CREDENTIAL_TYPES)}",
+                "credential_type",
+            )
+        if ctype != SERVED_CREDENTIAL_TYPE:
+            raise ApiError(
+                400,
+                "unsupported_credential_type",
+                "Bad Request",
+                f"credential_type {ctype} is not served by this agent; only {SERVED_CREDENTIAL_TYPE} is",
+                "credential_type",
+            )
+        st = self._statuses().get(values["connection_id"])
+        if st is None:
+            raise ApiError(
+                404,
+                "not_found",
+                "Not Found",
+                f"no connection matches connection_id {values['connection_id']}",
+                "connection_id",
+            )
+        if st.connection.user_id != values["user_id"]:
+            raise ApiError(
+                403,
+                "forbidden",
+                "Forbidden",
+                f"connection {values['connection_id']} is not owned by user_id {values['user_id']}",
+                "user_id",
+            )
+        return st.to_json()
+
+
+def _json(status: int, body: Any) -> tuple[int, str, bytes]:
+    return status, "application/json", json.dumps(body, indent=None).encode()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "uac-agent"
+    sys_version = ""
+    api: StatusApi
+    on_request: Callable[[str, str, int], None]
+
+    def _serve(self) -> None:
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        status, ctype, body = self.api.handle(self.command, self.path, headers)
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.on_request(self.command, urlsplit(self.path).path, status)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _serve  # noqa: N815
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
+        pass  # requests are logged by on_request, without query strings or headers
+
+
+class HttpServer:
+    def __init__(self, host: str, port: int, api: StatusApi, logger: Any) -> None:
+        log = logger
+
+        def on_request(method: str, path: str, status: int) -> None:
+            log.debug("http_request", method=method, path=path, status=status)
+
+        handler = type("Handler", (_Handler,), {"api": api, "on_request": staticmethod(on_request)})
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._server.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        self._server.server_close()

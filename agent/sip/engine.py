@@ -1,0 +1,355 @@
+"""The SIP thread: the one thread that owns pjsua2.
+
+It creates the adapter (Endpoint, transports, accounts), polls
+``libHandleEvents``, feeds what the stack reports to each connection's
+registration policy, carries out the policy's decisions, and publishes
+immutable :class:`~agent.status.ConnectionStatus` snapshots for the HTTP thread.
+Other threads talk to it only through :meth:`SipEngine.submit` and the stop
+request. Started and stopped the aiosmtpd way: ``start()`` waits for the thread
+to be ready and re-raises its start-up error; ``stop()`` is safe twice.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.config import AgentSettings, Connection
+from agent.core.clock import Clock
+from agent.core.policy import Action, Outcome, RegisterResponse, RegistrationPolicy
+from agent.metrics import Metrics
+from agent.sip.events import RegResult, RegStarted, SipEvent, StackLog, TransportDown
+from agent.sip.specs import StackSettings
+from agent.sip.uris import account_spec
+from agent.status import ConnectionStatus, build_status
+
+__all__ = ["EngineError", "SipEngine"]
+
+Command = Callable[[], None]
+
+
+class EngineError(RuntimeError):
+    """The SIP thread could not start."""
+
+
+@dataclass
+class _Conn:
+    conn: Connection
+    policy: RegistrationPolicy
+    log: Any
+    has_account: bool = False
+    last_key: tuple[object, ...] = field(default_factory=tuple)
+
+
+def to_register_response(ev: RegResult) -> RegisterResponse:
+    """Turn the stack's report into the policy's terms, with a clear text for local failures."""
+    reason = ev.reason.strip()
+    if not ev.received:
+        if ev.code == 408:
+            error = "408 Request Timeout (no response from registrar)"
+        elif "SSL" in reason or "TLS" in reason:
+            error = f"TLS failure: {reason}"
+        elif ev.code == 502:
+            error = f"DNS or transport failure: {reason}"
+        else:
+            error = f"transport failure: {reason or 'unknown error'}"
+        return RegisterResponse(code=ev.code, reason=reason, error=error)
+    source_ip = ev.source.rsplit(":", 1)[0].strip("[]") if ev.source else None
+    return RegisterResponse(
+        code=ev.code,
+        reason=reason,
+        expires=ev.expiration if 200 <= ev.code < 300 else None,
+        retry_after=ev.retry_after,
+        min_expires=ev.min_expires,
+        source_ip=source_ip,
+    )
+
+
+class SipEngine:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        metrics: Metrics,
+        logger: Any,
+        clock: Clock,
+        rng: random.Random | None = None,
+        adapter_factory: Callable[[Callable[[SipEvent], None]], Any] | None = None,
+        poll_ms: int = 10,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._log = logger
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._adapter_factory = adapter_factory
+        self._poll_ms = poll_ms
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._events: list[SipEvent] = []
+        self._conns: dict[str, _Conn] = {}
+        self._statuses: dict[str, ConnectionStatus] = {}
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._stop_deadline: float | None = None
+        self._heartbeat = 0.0
+
+    # -- other threads ----------------------------------------------------
+
+    def start(self, timeout: float = 15.0) -> None:
+        if self._thread is not None:
+            raise EngineError("already started")
+        self._thread = threading.Thread(target=self._run, name="sip", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise EngineError(f"SIP thread not ready after {timeout} s")
+        if self._error is not None:
+            self._thread.join(5)
+            raise EngineError(str(self._error)) from self._error
+
+    def submit(self, command: Command) -> None:
+        """Run ``command`` on the SIP thread (its only entry point for others)."""
+        self._commands.put(command)
+
+    def request_stop(self, timeout: float) -> None:
+        """Begin the graceful stop: unregister all, give up after ``timeout`` seconds."""
+        if not self._stop.is_set():
+            self._stop_deadline = time.monotonic() + timeout
+            self._stop.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.request_stop(timeout)
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout + 10)
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        t = self._thread
+        return t is not None and t.is_alive() and time.monotonic() - self._heartbeat < 5.0
+
+    def statuses(self) -> dict[str, ConnectionStatus]:
+        return self._statuses  # replaced whole on the SIP thread; never mutated
+
+    # -- the SIP thread ---------------------------------------------------
+
+    def _run(self) -> None:
+        adapter = None
+        try:
+            self._heartbeat = time.monotonic()
+            from agent.sip.adapter import PjsuaAdapter  # only here: the SIP thread owns pjsua2
+
+            factory = self._adapter_factory or PjsuaAdapter
+            adapter = factory(self._events.append)
+            s = self._settings.sip
+            adapter.start(
+                StackSettings(
+                    bind=s.bind,
+                    port=s.port,
+                    tls_port=s.effective_tls_port,
+                    tls_ca_file=s.tls_ca_file,
+                    tls_verify_server=s.tls_verify_server,
+                    user_agent=s.user_agent,
+                    log_level=s.stack_log_level,
+                    trace=s.trace,
+                    want_tls=True,
+                )
+            )
+            for conn in self._settings.connections:
+                self._add(adapter, conn)
+            self._publish()
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+            if adapter is not None:
+                try:
+                    adapter.shutdown()
+                except Exception:
+                    pass
+            return
+        self._metrics.sip_thread_up.set(1)
+        self._ready.set()
+        try:
+            self._loop(adapter)
+        except BaseException as e:
+            self._log.error("sip_thread_crashed", error=repr(e))
+            self._error = e
+        finally:
+            try:
+                adapter.shutdown()
+            except Exception as e:
+                self._log.error("sip_stack_shutdown_failed", error=repr(e))
+            self._metrics.sip_thread_up.set(0)
+            self._publish()
+            self._log.info("sip_thread_stopped")
+
+    def _add(self, adapter: Any, conn: Connection) -> None:
+        policy = RegistrationPolicy(self._settings.policy_settings(conn), self._clock, self._rng)
+        log = self._log.bind(connection_id=conn.connection_id)
+        c = _Conn(conn=conn, policy=policy, log=log)
+        self._conns[conn.connection_id] = c
+        if conn.registers:
+            spec = account_spec(conn)
+            adapter.add_account(spec)
+            c.has_account = True
+            policy.activate()
+            log.info(
+                "connection_added",
+                registrar=spec.registrar_uri,
+                transport=spec.transport,
+                aor=spec.id_uri,
+                outbound_proxy=spec.proxies[0] if spec.proxies else None,
+                next_in=round(policy.next_action_in or 0.0, 3),
+            )
+        else:
+            log.info("connection_inactive", active=conn.active, pair_state=conn.pair_state)
+
+    def _loop(self, adapter: Any) -> None:
+        stopping = False
+        last_publish = 0.0
+        while True:
+            self._heartbeat = time.monotonic()
+            while True:
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                try:
+                    cmd()
+                except Exception as e:
+                    self._log.error("command_failed", error=repr(e))
+            adapter.handle_events(self._poll_ms)
+            changed = self._dispatch(adapter)
+            if self._stop.is_set() and not stopping:
+                stopping = True
+                self._log.info("stopping", connections=len(self._conns))
+                for c in self._conns.values():
+                    c.policy.stop()
+            for c in self._conns.values():
+                changed |= self._step(adapter, c)
+            now = time.monotonic()
+            if changed or now - last_publish >= 0.1:
+                self._publish()
+                last_publish = now
+            if stopping:
+                if all(c.policy.finished for c in self._conns.values()):
+                    return
+                if self._stop_deadline is not None and now >= self._stop_deadline:
+                    pending = [k for k, c in self._conns.items() if not c.policy.finished]
+                    self._log.warning("stop_deadline_passed", still_unregistering=pending)
+                    return
+
+    def _step(self, adapter: Any, c: _Conn) -> bool:
+        action = c.policy.poll()
+        if action is None:
+            return self._note_state(c, None)
+        key = c.conn.connection_id
+        try:
+            if action is Action.REGISTER:
+                c.log.debug("register_sending", expires=c.policy.requested_expires, attempt=c.policy.attempts)
+                adapter.register(key)
+            else:
+                c.log.info("unregister_sending")
+                adapter.unregister(key)
+        except Exception as e:
+            outcome = c.policy.on_response(RegisterResponse(code=0, error=f"REGISTER not sent: {e}"))
+            self._report(c, outcome, 0)
+        return self._note_state(c, None)
+
+    def _dispatch(self, adapter: Any) -> bool:
+        if not self._events:
+            return False
+        events, self._events[:] = list(self._events), []
+        for ev in events:
+            if isinstance(ev, RegResult):
+                c = self._conns.get(ev.key)
+                if c is None:
+                    continue
+                outcome = c.policy.on_response(to_register_response(ev))
+                self._report(c, outcome, ev.code)
+            elif isinstance(ev, TransportDown):
+                self._flow_lost(ev)
+            elif isinstance(ev, RegStarted):
+                c = self._conns.get(ev.key)
+                if c is not None:
+                    c.log.debug("register_started", renew=ev.renew)
+            elif isinstance(ev, StackLog):
+                self._stack_log(ev)
+        return True
+
+    def _report(self, c: _Conn, outcome: Outcome, code: int) -> None:
+        if outcome.ignored:
+            c.log.debug("register_response_ignored", response=outcome.text)
+            return
+        self._metrics.observe_response(c.conn.connection_id, code, outcome.duration)
+        level = "info" if outcome.registration_status.value == 4 or outcome.unregister else "warning"
+        getattr(c.log, level)(
+            "unregister_response" if outcome.unregister else "register_response",
+            response=outcome.text,
+            code=code,
+            result=outcome.response_class.value if outcome.response_class else None,
+            duration_ms=None if outcome.duration is None else round(outcome.duration * 1000, 1),
+            state=outcome.state.value,
+            registered=c.policy.registered,
+            registration_status=int(outcome.registration_status),
+            next_in=None if outcome.next_in is None else round(outcome.next_in, 3),
+            granted_expires=c.policy.granted_expires if 200 <= code < 300 else None,
+            failures=c.policy.failures,
+        )
+        self._note_state(c, outcome.text)
+
+    def _note_state(self, c: _Conn, cause: str | None) -> bool:
+        p = c.policy
+        key = (p.state, p.registered, p.snapshot().registration_status)
+        if key == c.last_key:
+            return False
+        old = c.last_key
+        c.last_key = key
+        if old:
+            c.log.info(
+                "state_changed",
+                old_state=old[0].value if hasattr(old[0], "value") else old[0],
+                state=p.state.value,
+                registered=p.registered,
+                registration_status=int(p.snapshot().registration_status),
+                cause=cause or p.last_response,
+            )
+        return True
+
+    def _flow_lost(self, ev: TransportDown) -> None:
+        kind = ev.kind.upper()
+        if kind not in ("TCP", "TLS"):
+            return
+        self._metrics.flows_lost.labels(transport=kind).inc()
+        for c in self._conns.values():
+            ext = c.conn.external_uac_settings
+            if ext is None or ext.transport != kind or not c.policy.registered:
+                continue
+            c.log.warning("flow_lost", transport=kind, remote=ev.remote or None, error=ev.error)
+            c.policy.on_flow_lost()
+
+    def _stack_log(self, ev: StackLog) -> None:
+        msg = ev.message
+        if self._settings.sip.trace and ("TX " in msg[:40] or "RX " in msg[:40]):
+            self._log.info("sip_trace", message=msg)
+        elif ev.level <= 1:
+            self._log.error("sip_stack", message=msg)
+        elif ev.level == 2:
+            self._log.warning("sip_stack", message=msg)
+        else:
+            self._log.debug("sip_stack", message=msg)
+
+    def _publish(self) -> None:
+        statuses = {k: build_status(c.conn, c.policy.snapshot()) for k, c in self._conns.items()}
+        self._statuses = statuses
+        for st in statuses.values():
+            self._metrics.publish(st)

@@ -1,0 +1,315 @@
+"""A real Kamailio registrar on loopback, for tests and for the lab demo.
+
+Generates a config (digest auth from an in-memory table, usrloc in memory,
+423 on too-brief expiries, optional TLS), runs Kamailio in the foreground as
+a child process, and reads its location table through ``kamcmd``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Kamailio", "KamailioConfig", "free_port", "make_test_pki"]
+
+MODULE_DIRS = (
+    "/usr/lib/x86_64-linux-gnu/kamailio/modules",
+    "/usr/lib/aarch64-linux-gnu/kamailio/modules",
+    "/usr/lib/kamailio/modules",
+)
+
+
+def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP, and its +1 for TCP (TLS)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind((host, 0))
+            port = int(u.getsockname()[1])
+        if port > 65000:
+            continue
+        try:
+            for p in (port, port + 1):
+                for k in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(socket.AF_INET, k) as s:
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                        s.bind((host, p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair found")
+
+
+@dataclass
+class KamailioConfig:
+    port: int
+    users: Mapping[str, str]  # auth username -> password
+    host: str = "127.0.0.1"
+    tls: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    min_expires: int = 10
+    max_expires: int = 3600
+    algorithm: str = "MD5"  # or SHA-256
+    realm: str = "lab.uac-agent.test"
+    extra_route: str = ""
+
+    @property
+    def tls_port(self) -> int:
+        return self.port + 1
+
+
+def _module_dir() -> str:
+    for d in MODULE_DIRS:
+        if os.path.isdir(d):
+            return d
+    raise RuntimeError("Kamailio modules not found: apt-get install kamailio kamailio-tls-modules")
+
+
+def render_config(cfg: KamailioConfig, rundir: Path) -> str:
+    users = "\n".join(f'    $sht(creds=>{u}) = "{p}";' for u, p in cfg.users.items())
+    tls_lines = ""
+    tls_mod = ""
+    if cfg.tls:
+        tls_lines = f"listen=tls:{cfg.host}:{cfg.tls_port}\nenable_tls=yes\n"
+        tls_mod = f'loadmodule "tls.so"\nmodparam("tls", "config", "{rundir}/tls.cfg")\n'
+    return f"""#!KAMAILIO
+debug=2
+log_stderror=yes
+log_facility=LOG_LOCAL0
+children=2
+tcp_children=2
+auto_aliases=no
+listen=udp:{cfg.host}:{cfg.port}
+listen=tcp:{cfg.host}:{cfg.port}
+{tls_lines}
+mpath="{_module_dir()}/"
+loadmodule "kex.so"
+loadmodule "corex.so"
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "pv.so"
+loadmodule "maxfwd.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "xlog.so"
+loadmodule "sanity.so"
+loadmodule "usrloc.so"
+loadmodule "registrar.so"
+loadmodule "auth.so"
+loadmodule "htable.so"
+loadmodule "ctl.so"
+{tls_mod}
+modparam("ctl", "binrpc", "unix:{rundir}/kamailio_ctl")
+modparam("usrloc", "db_mode", 0)
+modparam("registrar", "min_expires", {cfg.min_expires})
+modparam("registrar", "max_expires", {cfg.max_expires})
+modparam("registrar", "min_expires_mode", 1)
+modparam("auth", "algorithm", "{cfg.algorithm}")
+modparam("htable", "htable", "creds=>size=4;")
+
+event_route[htable:mod-init] {{
+{users}
+}}
+
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }}
+    if (is_method("REGISTER")) {{
+        xlog("L_NOTICE", "REGISTER from $si:$sp proto=$proto to=$tu ci=$ci cseq=$cs expires=$hdr(Expires)\\n");
+        if (!pv_www_authenticate("{cfg.realm}", "$sht(creds=>$au)", "0")) {{
+            www_challenge("{cfg.realm}", "0");
+            exit;
+        }}
+        if (!save("location")) {{
+            sl_reply_error();
+        }}
+        exit;
+    }}
+    if (is_method("OPTIONS") && uri==myself) {{
+        sl_send_reply("200", "OK");
+        exit;
+    }}
+{cfg.extra_route}
+    sl_send_reply("404", "Not here");
+    exit;
+}}
+"""
+
+
+TLS_CFG = """[server:default]
+method = TLSv1.2+
+verify_certificate = no
+require_certificate = no
+private_key = {key}
+certificate = {cert}
+
+[client:default]
+method = TLSv1.2+
+verify_certificate = no
+require_certificate = no
+"""
+
+
+@dataclass
+class Kamailio:
+    """A Kamailio process; ``start()`` waits until it answers on its ctl socket."""
+
+    cfg: KamailioConfig
+    rundir: Path
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.rundir / "kamailio.log"
+
+    @property
+    def ctl(self) -> str:
+        return f"unix:{self.rundir}/kamailio_ctl"
+
+    def write_config(self) -> Path:
+        path = self.rundir / "kamailio.cfg"
+        path.write_text(render_config(self.cfg, self.rundir))
+        if self.cfg.tls:
+            assert self.cfg.tls_cert and self.cfg.tls_key
+            (self.rundir / "tls.cfg").write_text(TLS_CFG.format(key=self.cfg.tls_key, cert=self.cfg.tls_cert))
+        return path
+
+    def start(self, timeout: float = 15.0) -> None:
+        if shutil.which("kamailio") is None:
+            raise RuntimeError("kamailio is not installed: apt-get install kamailio kamailio-tls-modules")
+        cfg = self.write_config()
+        check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise RuntimeError(f"kamailio config check failed:\n{check.stderr[-3000:]}")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    "kamailio",
+                    "-DD",
+                    "-E",
+                    "-f",
+                    str(cfg),
+                    "-Y",
+                    str(self.rundir),
+                    "-P",
+                    str(self.rundir / "kamailio.pid"),
+                    "-w",
+                    str(self.rundir),
+                    "-m",
+                    "64",
+                    "-M",
+                    "8",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kamailio exited at start:\n{self.log_path.read_text()[-3000:]}")
+            if self.rpc("core.version", check=False).returncode == 0:
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"kamailio did not come up:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.proc = None
+
+    def rpc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(["kamcmd", "-s", self.ctl, *args], capture_output=True, text=True, timeout=10)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"kamcmd {' '.join(args)} failed: {res.stderr or res.stdout}")
+        return res
+
+    def lookup(self, user: str) -> str | None:
+        """The ``ul.lookup`` output for ``user``, or None when it has no binding."""
+        res = self.rpc("ul.lookup", "location", user, check=False)
+        if res.returncode != 0 or "Contact" not in res.stdout:
+            return None
+        return res.stdout
+
+    def register_lines(self) -> list[str]:
+        """REGISTER requests Kamailio has logged (one line each)."""
+        if not self.log_path.exists():
+            return []
+        return [ln for ln in self.log_path.read_text(errors="replace").splitlines() if "REGISTER from" in ln]
+
+
+def make_test_pki(directory: Path, host: str = "localhost") -> dict[str, Path]:
+    """A test CA, a server certificate for ``host`` signed by it, and an unrelated CA."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "ca": directory / "ca.pem",
+        "ca_key": directory / "ca.key",
+        "cert": directory / "server.pem",
+        "key": directory / "server.key",
+        "other_ca": directory / "other-ca.pem",
+        "other_ca_key": directory / "other-ca.key",
+    }
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    for ca, key, cn in (("ca", "ca_key", "uac-agent test CA"), ("other_ca", "other_ca_key", "unrelated CA")):
+        run(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            f"/CN={cn}",
+            "-keyout",
+            str(paths[key]),
+            "-out",
+            str(paths[ca]),
+        )
+    csr = directory / "server.csr"
+    ext = directory / "server.ext"
+    ext.write_text(
+        f"subjectAltName=DNS:{host}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={host}", "-keyout", str(paths["key"]), "-out", str(csr))
+    run(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(paths["ca"]),
+        "-CAkey",
+        str(paths["ca_key"]),
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-out",
+        str(paths["cert"]),
+        "-extfile",
+        str(ext),
+    )
+    return paths
