@@ -283,10 +283,18 @@ class RegistrationPolicy:
         """A final answer (or a failure) for the REGISTER in flight."""
         now = self.clock.monotonic()
         attempt = self._attempt
-        if attempt is None or self.state not in (RegState.REGISTERING, RegState.UNREGISTERING):
-            # Nothing of ours is in flight (a late answer after a local timeout).
+        duration: float | None
+        if attempt is None and self.state in (RegState.REGISTERED, RegState.RETRY_WAIT) and not self._stop_requested:
+            # The stack sent a REGISTER on its own (its late refresh backstop, or
+            # an answer arriving after our local timeout): take the result.
+            self._move(RegState.REGISTERING)
+            attempt = _Attempt(started=now, unregister=False, expires=self.requested_expires)
+            self.attempts += 1
+            duration = None
+        elif attempt is None or self.state not in (RegState.REGISTERING, RegState.UNREGISTERING):
             return Outcome(None, resp.text, None, None, self.state, self._update_status(), ignored=True)
-        duration = now - attempt.started
+        else:
+            duration = now - attempt.started
         self._attempt = None
         self.last_response = resp.text
         self.last_code = resp.code
@@ -341,14 +349,18 @@ class RegistrationPolicy:
             self._move(RegState.RETRY_WAIT)
             self._schedule(delay, "retry")
         if self._stop_requested:
-            self._begin_unregister_or_stop()
+            self._next_at = None  # poll() unregisters or stops next
+            self._next_kind = None
             delay = 0.0
         status = self._update_status()
         return Outcome(cls, self.last_response or resp.text, duration, delay, self.state, status)
 
     def on_flow_lost(self) -> None:
         """The TCP/TLS connection the binding lives on dropped: register again now."""
-        if self.state in (RegState.REGISTERED, RegState.RETRY_WAIT) and not self._stop_requested:
+        # Only a binding believed healthy: while backing off, a dropped flow (or
+        # a failed connect, which pjsip reports the same way) must not shortcut
+        # the backoff.
+        if self.state == RegState.REGISTERED and not self._stop_requested:
             self._schedule(0.0, "register")
 
     def request_refresh(self) -> None:

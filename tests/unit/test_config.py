@@ -1,0 +1,229 @@
+"""Config files: every format, env overrides, and clear errors (exit 2, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.config import ConfigError, load_settings
+
+GOOD = {
+    "sip": {"bind": "127.0.0.1", "port": 5070},
+    "http": {"listen": "127.0.0.1:8080", "api_key": "k3y-secret"},
+    "connections": [
+        {
+            "connection_id": "2954035328656082602",
+            "user_id": "323",
+            "connection_name": "Office PBX",
+            "active": True,
+            "external_uac_settings": {
+                "proxy": "sip:pbx.example.com:5060",
+                "outbound_proxy": "sip:edge.example.com:5060",
+                "transport": "TCP",
+                "username": "telnyx-reg",
+                "auth_username": "telnyx-reg",
+                "password": "s3cret-pw",
+                "from_user": "601",
+                "expiration_sec": 3600,
+            },
+            "internal_uac_settings": {"destination_uri": "1006@assistant-abc123.sip.telnyx.com"},
+        }
+    ],
+}
+
+
+def write(tmp_path: Path, data: object, name: str = "c.json") -> Path:
+    p = tmp_path / name
+    p.write_text(json.dumps(data))
+    return p
+
+
+def bad(tmp_path: Path, mutate: dict[str, object]) -> list[str]:
+    data = json.loads(json.dumps(GOOD))
+    ext = data["connections"][0]["external_uac_settings"]
+    ext.update(mutate)
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, data))
+    return e.value.problems
+
+
+def test_seed_payload_loads_in_every_format(tmp_path: Path) -> None:
+    import tomllib  # noqa: F401  (toml is read by tomllib)
+
+    import yaml
+
+    y = tmp_path / "c.yaml"
+    y.write_text(yaml.safe_dump(GOOD))
+    j = write(tmp_path, GOOD)
+    t = tmp_path / "c.toml"
+    t.write_text(
+        """
+[sip]
+bind = "127.0.0.1"
+[http]
+listen = "127.0.0.1:8080"
+api_key = "k3y-secret"
+[[connections]]
+connection_id = "2954035328656082602"
+user_id = "323"
+[connections.external_uac_settings]
+proxy = "sip:pbx.example.com:5060"
+transport = "TCP"
+username = "telnyx-reg"
+password = "s3cret-pw"
+[connections.internal_uac_settings]
+destination_uri = "1006@assistant-abc123.sip.telnyx.com"
+"""
+    )
+    for path in (y, j, t):
+        s = load_settings(path)
+        c = s.connections[0]
+        assert c.connection_id == "2954035328656082602"
+        assert c.external_uac_settings is not None
+        assert c.external_uac_settings.transport == "TCP"
+        assert c.pair_state == "ACTIVE"
+
+
+def test_defaults_fill_optional_fields(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, GOOD))
+    ext = s.connections[0].external_uac_settings
+    assert ext is not None
+    ext.auth_username = None
+    ext.from_user = None
+    assert ext.effective_auth_username == "telnyx-reg"
+    assert ext.effective_from_user == "telnyx-reg"
+    ps = s.policy_settings(s.connections[0])
+    assert ps.forbidden_retry_interval_sec == 300.0
+    assert ps.retry_base_sec == 30.0
+    assert ps.expiration_sec == 3600
+
+
+def test_per_connection_knobs_override_defaults(tmp_path: Path) -> None:
+    data = json.loads(json.dumps(GOOD))
+    data["defaults"] = {"retry_base_sec": 5, "forbidden_retry_interval": 60}
+    data["connections"][0]["registration"] = {"forbidden_retry_interval": 90}
+    s = load_settings(write(tmp_path, data))
+    ps = s.policy_settings(s.connections[0])
+    assert ps.retry_base_sec == 5.0
+    assert ps.forbidden_retry_interval_sec == 90.0
+
+
+def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UAC_AGENT_HTTP__API_KEY", "from-env")
+    monkeypatch.setenv("UAC_AGENT_SIP__PORT", "5999")
+    s = load_settings(write(tmp_path, GOOD))
+    assert s.http.api_key is not None
+    assert s.http.api_key.get_secret_value() == "from-env"
+    assert s.sip.port == 5999
+    assert s.http.listen == "127.0.0.1:8080"  # the rest of the section is kept
+
+
+def test_password_file(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("from-file\n")
+    data = json.loads(json.dumps(GOOD))
+    ext = data["connections"][0]["external_uac_settings"]
+    del ext["password"]
+    ext["password_file"] = str(pw)
+    s = load_settings(write(tmp_path, data))
+    e = s.connections[0].external_uac_settings
+    assert e is not None
+    assert e.password is not None
+    assert e.password.get_secret_value() == "from-file"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field", "words"),
+    [
+        ({"transport": "SCTP"}, "external_uac_settings.transport", "'UDP', 'TCP' or 'TLS'"),
+        ({"proxy": "http://pbx"}, "external_uac_settings.proxy", "SIP URI"),
+        ({"expiration_sec": 5}, "external_uac_settings.expiration_sec", "greater than or equal to 10"),
+        ({"expiration_sec": "soon"}, "external_uac_settings.expiration_sec", "integer"),
+        ({"username": "a b"}, "external_uac_settings.username", "SIP user part"),
+        ({"passwrd": "x"}, "external_uac_settings.passwrd", "unknown setting"),
+    ],
+)
+def test_bad_field_is_named(tmp_path: Path, mutate: dict[str, object], field: str, words: str) -> None:
+    problems = bad(tmp_path, mutate)
+    assert len(problems) == 1, problems
+    assert field in problems[0]
+    assert "connection_id=2954035328656082602" in problems[0]
+    assert words in problems[0]
+
+
+def test_missing_password_is_named_and_secret_never_echoed(tmp_path: Path) -> None:
+    problems = bad(tmp_path, {"password": None})
+    assert any("password" in p and "required" in p for p in problems)
+    problems = bad(tmp_path, {"password": 12345})
+    assert not any("12345" in p for p in problems)
+
+
+def test_too_many_connections_is_a_config_error(tmp_path: Path) -> None:
+    data = json.loads(json.dumps(GOOD))
+    base = data["connections"][0]
+    data["connections"] = [dict(base, connection_id=f"c{i}") for i in range(9)]
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, data))
+    assert "at most 8" in str(e.value)
+
+
+def test_duplicate_connection_id(tmp_path: Path) -> None:
+    data = json.loads(json.dumps(GOOD))
+    data["connections"] = [data["connections"][0], data["connections"][0]]
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, data))
+    assert "more than one connection" in str(e.value)
+
+
+def test_tls_needs_a_ca_file(tmp_path: Path) -> None:
+    problems = bad(tmp_path, {"transport": "TLS"})
+    assert any("tls_ca_file" in p for p in problems)
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("sip:\n  port: [5070\nhttp: {}\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(p)
+    assert "line" in str(e.value)
+    assert "invalid YAML" in str(e.value)
+
+
+def test_check_config_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(write(tmp_path, GOOD))]) == 0
+    assert "config OK" in capsys.readouterr().out
+    data = json.loads(json.dumps(GOOD))
+    data["connections"][0]["external_uac_settings"]["transport"] = "XYZ"
+    data["sip"]["port"] = 70000
+    assert main(["check-config", "--config", str(write(tmp_path, data))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2  # one line per problem
+    assert all(line.startswith("uac-agent: config error: ") for line in err)
+
+
+def test_bad_config_exits_2_without_traceback_and_without_secrets(tmp_path: Path) -> None:
+    data = json.loads(json.dumps(GOOD))
+    data["connections"][0]["external_uac_settings"]["transport"] = "XYZ"
+    data["http"]["bogus"] = 1
+    res = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(write(tmp_path, data))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert "http.bogus" in res.stderr
+    assert "transport" in res.stderr
+    assert "s3cret-pw" not in res.stderr + res.stdout
+    assert "k3y-secret" not in res.stderr + res.stdout
+
+
+def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "cannot read config file" in capsys.readouterr().err
