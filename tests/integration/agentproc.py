@@ -1,0 +1,123 @@
+"""The agent as a real child process (``python -m agent run``), for integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lab.kamailio import free_port
+
+API_KEY = "integration-test-key"
+
+
+class AgentProcess:
+    def __init__(self, workdir: Path, connections: list[dict[str, Any]], **sections: Any) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.sip_port = free_port()
+        self.http_port = free_port()
+        config: dict[str, Any] = {
+            "sip": {"bind": "127.0.0.1", "port": self.sip_port, "tls_port": self.sip_port + 1},
+            "http": {"listen": f"127.0.0.1:{self.http_port}", "api_key": API_KEY},
+            "log": {"format": "json", "level": "debug"},
+            "defaults": {"initial_delay_max_sec": 0.2},
+            "connections": connections,
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(config.get(key), dict):
+                config[key].update(value)
+            else:
+                config[key] = value
+        self.config_path = workdir / "agent.json"
+        self.config_path.write_text(json.dumps(config))
+        self.log_path = workdir / "agent.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> AgentProcess:
+        env = dict(os.environ)
+        env.pop("UAC_AGENT_CONFIG", None)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parents[2],
+                env=env,
+            )
+        self.wait_for(lambda: self.http_get("/healthz")[0] == 200, timeout, "agent /healthz")
+        return self
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def http_get(self, path: str, key: str | None = None) -> tuple[int, str]:
+        req = urllib.request.Request(self.base + path)
+        if key:
+            req.add_header("Authorization", f"Bearer {key}")
+        try:
+            with urllib.request.urlopen(req, timeout=3) as r:  # noqa: S310 - loopback http only
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError:
+            return 0, ""
+
+    def status(self, connection_id: str, user_id: str = "323") -> dict[str, Any]:
+        code, body = self.http_get(
+            "/v2/sip_registration_status?credential_type=uac_third-party_credential"
+            f"&connection_id={connection_id}&user_id={user_id}",
+            API_KEY,
+        )
+        assert code == 200, body
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    def metrics(self) -> str:
+        return self.http_get("/metrics")[1]
+
+    def logs(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+    def raw_log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"agent exited ({self.proc.returncode}) waiting for {what}:\n{self.tail()}")
+            if cond():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)

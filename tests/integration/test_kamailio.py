@@ -1,0 +1,137 @@
+"""The agent against a real Kamailio registrar with digest auth, over UDP, TCP and TLS."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lab.kamailio import Kamailio
+from tests.integration.agentproc import API_KEY, AgentProcess
+from tests.integration.conftest import USERS, connection, start_kamailio
+
+
+def test_registers_over_udp_tcp_tls_and_unregisters_on_sigterm(
+    kamailio: Kamailio, agent_factory: Callable[..., AgentProcess], pki: dict[str, Path]
+) -> None:
+    port, tls_port = kamailio.cfg.port, kamailio.cfg.tls_port
+    agent = agent_factory(
+        [
+            connection("c-udp", f"sip:127.0.0.1:{port}", "UDP", "alice"),
+            connection("c-tcp", f"sip:127.0.0.1:{port}", "TCP", "bob"),
+            # TLS: dial a host name that the test server certificate names, verified against the test CA
+            connection("c-tls", f"sip:localhost:{tls_port}", "TLS", "carol"),
+        ],
+        sip={"tls_ca_file": str(pki["ca"])},
+    )
+    agent.wait_for(lambda: agent.http_get("/readyz")[0] == 200, 15, "all connections registered")
+
+    # What the registrar saw: one binding per user, on the right transport, with
+    # a Contact that names its connection.
+    for cid, user, proto in (("c-udp", "alice", "udp"), ("c-tcp", "bob", "tcp"), ("c-tls", "carol", "tls")):
+        binding = kamailio.lookup(user)
+        assert binding is not None, f"no binding for {user}"
+        assert f"line={cid}" in binding
+        assert f"Socket: {proto}:127.0.0.1:" in binding, binding
+        st = agent.status(cid)
+        assert st["registered"] is True
+        assert st["last_registration_response"] == "200 OK"
+        assert st["registration_status"] == 4
+        assert st["last_registered_ip"] == "127.0.0.1"
+        assert st["sip_registration_details"]["expires"] == 300
+        assert st["third-party_uac_settings"]["password"] == "***"
+
+    metrics = agent.metrics()
+    for cid in ("c-udp", "c-tcp", "c-tls"):
+        assert f'uac_agent_registered{{connection_id="{cid}"}} 1.0' in metrics
+        assert f'uac_agent_last_registration_response_code{{connection_id="{cid}"}} 200.0' in metrics
+        assert f'uac_agent_registration_attempts_total{{code="200",connection_id="{cid}"}} 1.0' in metrics
+
+    # No secret in logs, metrics or status output.
+    everything = agent.raw_log() + metrics + str([agent.status(c) for c in ("c-udp", "c-tcp", "c-tls")])
+    for pw in USERS.values():
+        assert pw not in everything
+    assert API_KEY not in everything
+
+    # Each state change is logged at info with its connection_id and the response.
+    changes = [e for e in agent.logs() if e.get("event") == "register_response" and e.get("code") == 200]
+    assert {e["connection_id"] for e in changes} == {"c-udp", "c-tcp", "c-tls"}
+    assert all(e["level"] == "info" and e["response"] == "200 OK" for e in changes)
+
+    assert agent.terminate() == 0
+    for user in ("alice", "bob", "carol"):
+        assert kamailio.lookup(user) is None, f"{user} still bound after SIGTERM"
+    unreg = [e for e in agent.logs() if e.get("event") == "unregister_response"]
+    assert {e["connection_id"] for e in unreg} == {"c-udp", "c-tcp", "c-tls"}
+
+
+def test_wrong_ca_leaves_tls_connection_unregistered_with_clear_response(
+    kamailio: Kamailio, agent_factory: Callable[..., AgentProcess], pki: dict[str, Path]
+) -> None:
+    agent = agent_factory(
+        [connection("c-tls-bad", f"sip:localhost:{kamailio.cfg.tls_port}", "TLS", "dave")],
+        sip={"tls_ca_file": str(pki["other_ca"])},
+    )
+    agent.wait_for(
+        lambda: agent.status("c-tls-bad")["last_registration_response"] is not None, 15, "a TLS attempt"
+    )
+    st = agent.status("c-tls-bad")
+    assert st["registered"] is False
+    assert st["registration_status"] == 2
+    text = st["last_registration_response"]
+    assert text.startswith("TLS failure"), text
+    assert "certificate" in text.lower()
+    assert kamailio.lookup("dave") is None
+    assert 'uac_agent_registered{connection_id="c-tls-bad"} 0.0' in agent.metrics()
+    code, body = agent.http_get("/readyz")
+    assert code == 503
+    assert "c-tls-bad" in body
+    assert agent.terminate() == 0
+
+
+def test_dropped_tcp_flow_reregisters_at_once(
+    tmp_path: Path, agent_factory: Callable[..., AgentProcess], pki: dict[str, Path]
+) -> None:
+    """Kamailio restarts (bindings kept in memory are lost, TCP flows close): the
+    agent notices the dropped flow and registers again long before its refresh."""
+    k = start_kamailio(tmp_path / "k1", pki)
+    try:
+        agent = agent_factory(
+            [connection("c-flow", f"sip:127.0.0.1:{k.cfg.port}", "TCP", "alice", expiration_sec=600,
+                        registration={"retry_base_sec": 0.5, "retry_max_sec": 2})],
+        )
+        agent.wait_for(lambda: k.lookup("alice") is not None, 15, "first binding")
+        k.stop()
+        restarted = time.monotonic()
+        k = start_kamailio(tmp_path / "k2", pki, port=k.cfg.port)
+        assert k.lookup("alice") is None  # the registrar lost the binding
+        agent.wait_for(lambda: k.lookup("alice") is not None, 15, "binding after the registrar restart")
+        took = time.monotonic() - restarted
+        assert took < 30, took  # the refresh would have come only after ~570 s
+        lost = [e for e in agent.logs() if e.get("event") == "flow_lost"]
+        assert lost, "no flow_lost logged"
+        assert lost[0]["connection_id"] == "c-flow"
+        assert 'uac_agent_transport_flows_lost_total{transport="TCP"}' in agent.metrics()
+        assert agent.status("c-flow")["registered"] is True
+        assert agent.terminate() == 0
+    finally:
+        k.stop()
+
+
+def test_wrong_password_with_kamailio_is_401_and_slow(
+    kamailio: Kamailio, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    agent = agent_factory(
+        [connection("c-pw", f"sip:127.0.0.1:{kamailio.cfg.port}", "UDP", "bob", password="not-bobs",
+                    registration={"forbidden_retry_interval": 120})],
+    )
+    agent.wait_for(lambda: agent.status("c-pw")["last_registration_response"] is not None, 15, "first answer")
+    st = agent.status("c-pw")
+    assert st["last_registration_response"] == "401 Unauthorized"
+    assert st["registered"] is False
+    assert st["sip_registration_details"]["auth_retries"] == 1
+    assert st["sip_registration_details"]["next_action"] == "retry"
+    time.sleep(2)
+    assert agent.status("c-pw")["sip_registration_details"]["attempts"] == 1  # no hammering
+    assert "not-bobs" not in agent.raw_log()
+    assert agent.terminate() == 0
