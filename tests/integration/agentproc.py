@@ -65,7 +65,7 @@ class AgentProcess:
         if key:
             req.add_header("Authorization", f"Bearer {key}")
         try:
-            with urllib.request.urlopen(req, timeout=3) as r:  # noqa: S310 - loopback http only
+            with urllib.request.urlopen(req, timeout=3) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -297,7 +298,7 @@ def test_rejected_credentials_retry_only_at_forbidden_interval(code: int) -> Non
         t += run_until_action(p, clock, step=1.0)
         sent.append(t)
         p.on_response(RegisterResponse(code=code, reason="Nope"))
-    gaps = [b - a for a, b in zip(sent, sent[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(sent)]
     assert all(300.0 <= g <= 331.0 for g in gaps), gaps
     snap = p.snapshot()
     assert snap.auth_retries == 5
@@ -333,7 +334,7 @@ def test_other_4xx_is_retried_slowly_not_counted_as_auth() -> None:
 
 
 def test_423_adopts_min_expires_and_retries_at_once() -> None:
-    p, clock = make(expiration_sec=30)
+    p, _clock = make(expiration_sec=30)
     p.activate()
     p.poll()
     out = p.on_response(RegisterResponse(code=423, reason="Interval Too Brief", min_expires=120))
