@@ -1,0 +1,139 @@
+"""The lab: a Kamailio PBX on loopback and the agent registered to it.
+
+``python -m lab.demo`` starts Kamailio (digest auth, UDP/TCP/TLS, a test CA),
+writes an agent config for three connections (UDP, TCP, TLS) into ``.lab/``,
+runs ``uac-agent run`` against it, prints the status endpoint's answer for each
+connection once they are registered, then keeps running (status at
+http://127.0.0.1:HTTP_PORT/...) until Ctrl-C. ``--once`` stops after printing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from lab.kamailio import Kamailio, KamailioConfig, make_test_pki
+
+ROOT = Path(__file__).resolve().parents[1]
+USERS = {"office-udp": "lab-secret-1", "office-tcp": "lab-secret-2", "office-tls": "lab-secret-3"}
+API_KEY = "lab-api-key"
+
+
+def agent_config(lab: Path, pbx_port: int, sip_port: int, http_port: int, ca: Path) -> dict[str, object]:
+    def conn(cid: str, user: str, transport: str, proxy: str) -> dict[str, object]:
+        return {
+            "connection_id": cid,
+            "user_id": "323",
+            "connection_name": f"Lab PBX ({transport})",
+            "active": True,
+            "external_uac_settings": {
+                "proxy": proxy,
+                "transport": transport,
+                "username": user,
+                "password": USERS[user],
+                "from_user": "601",
+                "expiration_sec": 120,
+            },
+            "internal_uac_settings": {"destination_uri": "1006@assistant-abc123.sip.telnyx.com"},
+        }
+
+    return {
+        "sip": {"bind": "127.0.0.1", "port": sip_port, "tls_port": sip_port + 1, "tls_ca_file": str(ca)},
+        "http": {"listen": f"127.0.0.1:{http_port}", "api_key": API_KEY},
+        "log": {"format": "console", "level": "info"},
+        "connections": [
+            conn("1001", "office-udp", "UDP", f"sip:127.0.0.1:{pbx_port}"),
+            conn("1002", "office-tcp", "TCP", f"sip:127.0.0.1:{pbx_port}"),
+            conn("1003", "office-tls", "TLS", f"sip:localhost:{pbx_port + 1}"),
+        ],
+    }
+
+
+def get(url: str) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {API_KEY}"})
+    try:
+        with urllib.request.urlopen(req, timeout=3) as r:  # noqa: S310 - loopback only
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.splitlines()[0] if __doc__ else "")
+    ap.add_argument("--pbx-port", type=int, default=15060, help="Kamailio UDP/TCP port (TLS on +1)")
+    ap.add_argument("--sip-port", type=int, default=15070, help="agent UDP/TCP port (TLS on +1)")
+    ap.add_argument("--http-port", type=int, default=8080)
+    ap.add_argument("--dir", type=Path, default=ROOT / ".lab")
+    ap.add_argument("--once", action="store_true", help="stop after printing the status")
+    args = ap.parse_args(argv)
+
+    lab: Path = args.dir
+    pki = make_test_pki(lab / "pki", host="localhost")
+    pbx = Kamailio(
+        KamailioConfig(port=args.pbx_port, users=USERS, tls=True, tls_cert=pki["cert"], tls_key=pki["key"]),
+        lab / "kamailio",
+    )
+    pbx.start()
+    print(f"lab PBX: Kamailio on udp/tcp 127.0.0.1:{args.pbx_port}, tls localhost:{args.pbx_port + 1}", flush=True)
+    config_path = lab / "agent.yaml"
+    config_path.write_text(
+        yaml.safe_dump(agent_config(lab, args.pbx_port, args.sip_port, args.http_port, pki["ca"]), sort_keys=False)
+    )
+    print(f"agent config: {config_path}", flush=True)
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config_path)], cwd=ROOT)
+    base = f"http://127.0.0.1:{args.http_port}"
+    code = 1
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and agent.poll() is None:
+            if get(base + "/readyz")[0] == 200:
+                break
+            time.sleep(0.2)
+        ready, body = get(base + "/readyz")
+        print(f"\nGET /readyz -> {ready} {body}")
+        for cid in ("1001", "1002", "1003"):
+            url = (f"{base}/v2/sip_registration_status?credential_type=uac_third-party_credential"
+                   f"&connection_id={cid}&user_id=323")
+            status, text = get(url)
+            print(f"\nGET /v2/sip_registration_status connection_id={cid} -> {status}")
+            print(json.dumps(json.loads(text), indent=2) if text else "(no answer)")
+        user_list = ", ".join(USERS)
+        print(f"\nKamailio bindings (kamcmd ul.lookup) for {user_list}:")
+        for user in USERS:
+            binding = pbx.lookup(user) or ""
+            contact = next((ln.strip() for ln in binding.splitlines() if "Address:" in ln), "(none)")
+            print(f"  {user}: {contact}")
+        code = 0 if ready == 200 else 1
+        if not args.once:
+            print(f"\nrunning; metrics at {base}/metrics; Ctrl-C to unregister and stop", flush=True)
+            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+            agent.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(15)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+        print(f"agent exited with {agent.returncode}", flush=True)
+        pbx.stop()
+    return code if agent.returncode == 0 else (agent.returncode or 1)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# One command: set up, start the lab PBX (Kamailio on loopback), run the agent
+# registered to it over UDP, TCP and TLS, and print its status. Ctrl-C
+# unregisters and stops. Pass --once to stop after printing the status.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+exec .venv/bin/python -m lab.demo "$@"
