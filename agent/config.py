@@ -235,6 +235,15 @@ class SipSettings(_Strict):
             raise ValueError("must be an IP address of this host, e.g. 127.0.0.1 or 0.0.0.0") from None
         return v
 
+    @model_validator(mode="after")
+    def _ports(self) -> SipSettings:
+        tls = self.tls_port or self.port + 1
+        if tls > 65535:
+            raise ValueError(f"tls_port would be {tls}: set sip.tls_port (1-65535) explicitly")
+        if tls == self.port:
+            raise ValueError("tls_port must differ from port (UDP/TCP and TLS cannot share a port)")
+        return self
+
     @property
     def effective_tls_port(self) -> int:
         return self.tls_port or self.port + 1

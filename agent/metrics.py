@@ -81,7 +81,7 @@ class Metrics:
         )
         self.flows_lost = Counter(
             "uac_agent_transport_flows_lost",
-            "TCP/TLS connections to a registrar that dropped.",
+            "TCP/TLS transport disconnects (dropped flows and failed connects).",
             ["transport"],
             registry=registry,
         )

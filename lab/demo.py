@@ -62,7 +62,7 @@ def agent_config(lab: Path, pbx_port: int, sip_port: int, http_port: int, ca: Pa
 def get(url: str) -> tuple[int, str]:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {API_KEY}"})
     try:
-        with urllib.request.urlopen(req, timeout=3) as r:  # noqa: S310 - loopback only
+        with urllib.request.urlopen(req, timeout=3) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -104,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         ready, body = get(base + "/readyz")
         print(f"\nGET /readyz -> {ready} {body}")
         for cid in ("1001", "1002", "1003"):
-            url = (f"{base}/v2/sip_registration_status?credential_type=uac_third-party_credential"
-                   f"&connection_id={cid}&user_id=323")
+            url = (
+                f"{base}/v2/sip_registration_status?credential_type=uac_third-party_credential"
+                f"&connection_id={cid}&user_id=323"
+            )
             status, text = get(url)
             print(f"\nGET /v2/sip_registration_status connection_id={cid} -> {status}")
             print(json.dumps(json.loads(text), indent=2) if text else "(no answer)")

@@ -284,9 +284,10 @@ class RegistrationPolicy:
         now = self.clock.monotonic()
         attempt = self._attempt
         duration: float | None
-        if attempt is None and self.state in (RegState.REGISTERED, RegState.RETRY_WAIT) and not self._stop_requested:
-            # The stack sent a REGISTER on its own (its late refresh backstop, or
-            # an answer arriving after our local timeout): take the result.
+        if attempt is None and self.state == RegState.REGISTERED and not self._stop_requested:
+            # The stack refreshed on its own (its late backstop timer): take the
+            # result. While backing off, a stray answer (e.g. the stack's own
+            # report of a send that already failed) is ignored, never counted twice.
             self._move(RegState.REGISTERING)
             attempt = _Attempt(started=now, unregister=False, expires=self.requested_expires)
             self.attempts += 1
@@ -371,7 +372,9 @@ class RegistrationPolicy:
     def stop(self) -> None:
         """Unregister if bound (after any REGISTER in flight), then stay stopped."""
         self._stop_requested = True
-        if self.state in (RegState.DISABLED, RegState.WAITING):
+        if self.state == RegState.DISABLED:
+            return  # never registered: stays Not Applicable
+        if self.state == RegState.WAITING:
             self._next_at = None
             self._next_kind = None
             self._move(RegState.STOPPED)

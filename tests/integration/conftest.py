@@ -68,8 +68,9 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
         a.kill()
 
 
-def connection(cid: str, proxy: str, transport: str, user: str, password: str | None = None,
-               **extra: Any) -> dict[str, Any]:
+def connection(
+    cid: str, proxy: str, transport: str, user: str, password: str | None = None, **extra: Any
+) -> dict[str, Any]:
     ext = {
         "proxy": proxy,
         "transport": transport,

@@ -72,9 +72,7 @@ def test_wrong_ca_leaves_tls_connection_unregistered_with_clear_response(
         [connection("c-tls-bad", f"sip:localhost:{kamailio.cfg.tls_port}", "TLS", "dave")],
         sip={"tls_ca_file": str(pki["other_ca"])},
     )
-    agent.wait_for(
-        lambda: agent.status("c-tls-bad")["last_registration_response"] is not None, 15, "a TLS attempt"
-    )
+    agent.wait_for(lambda: agent.status("c-tls-bad")["last_registration_response"] is not None, 15, "a TLS attempt")
     st = agent.status("c-tls-bad")
     assert st["registered"] is False
     assert st["registration_status"] == 2
@@ -97,8 +95,16 @@ def test_dropped_tcp_flow_reregisters_at_once(
     k = start_kamailio(tmp_path / "k1", pki)
     try:
         agent = agent_factory(
-            [connection("c-flow", f"sip:127.0.0.1:{k.cfg.port}", "TCP", "alice", expiration_sec=600,
-                        registration={"retry_base_sec": 0.5, "retry_max_sec": 2})],
+            [
+                connection(
+                    "c-flow",
+                    f"sip:127.0.0.1:{k.cfg.port}",
+                    "TCP",
+                    "alice",
+                    expiration_sec=600,
+                    registration={"retry_base_sec": 0.5, "retry_max_sec": 2},
+                )
+            ],
         )
         agent.wait_for(lambda: k.lookup("alice") is not None, 15, "first binding")
         k.stop()
@@ -122,8 +128,16 @@ def test_wrong_password_with_kamailio_is_401_and_slow(
     kamailio: Kamailio, agent_factory: Callable[..., AgentProcess]
 ) -> None:
     agent = agent_factory(
-        [connection("c-pw", f"sip:127.0.0.1:{kamailio.cfg.port}", "UDP", "bob", password="not-bobs",
-                    registration={"forbidden_retry_interval": 120})],
+        [
+            connection(
+                "c-pw",
+                f"sip:127.0.0.1:{kamailio.cfg.port}",
+                "UDP",
+                "bob",
+                password="not-bobs",
+                registration={"forbidden_retry_interval": 120},
+            )
+        ],
     )
     agent.wait_for(lambda: agent.status("c-pw")["last_registration_response"] is not None, 15, "first answer")
     st = agent.status("c-pw")

@@ -280,9 +280,9 @@ def test_no_final_response_times_out_as_408() -> None:
     p.poll()
     assert p.state is RegState.RETRY_WAIT  # never stuck "in progress"
     assert p.snapshot().last_response_code == 408
-    # a late answer from the stack while waiting to retry is taken as a fresh attempt's result
-    assert p.on_response(OK).ignored is False
-    assert p.registered
+    # a late answer from the stack while waiting to retry is ignored, not counted twice
+    assert p.on_response(OK).ignored
+    assert p.snapshot().consecutive_failures == 1
 
 
 # -- credentials --------------------------------------------------------------------
@@ -475,3 +475,21 @@ def test_uptime_and_next_action_are_wall_times() -> None:
     snap = p.snapshot()
     assert snap.uptime_sec == pytest.approx(12)
     assert snap.next_action_at == pytest.approx(clock.time() + 570 - 12)
+
+
+def test_stray_failure_while_backing_off_is_not_counted_twice() -> None:
+    p, _ = make(retry_base_sec=30.0)
+    p.activate()
+    p.poll()
+    first = p.on_response(RegisterResponse(code=0, error="REGISTER not sent: DNS"))
+    again = p.on_response(RegisterResponse(code=502, reason="x", error="DNS or transport failure: x"))
+    assert again.ignored
+    assert p.snapshot().consecutive_failures == 1
+    assert p.next_action_in == pytest.approx(first.next_in)
+
+
+def test_stop_of_inactive_connection_keeps_not_applicable() -> None:
+    p, _ = make()
+    p.stop()
+    assert p.snapshot().registration_status is RegistrationStatus.NOT_APPLICABLE
+    assert p.finished

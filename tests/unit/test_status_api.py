@@ -138,21 +138,38 @@ def test_failed_connection_shows_auth_retries(server: tuple[str, CollectorRegist
         (Q.format("2954035328656082602", "323"), None, 401, "missing Authorization"),
         (Q.format("2954035328656082602", "323"), "wrong", 401, "invalid API key"),
         ("/v2/sip_registration_status?connection_id=1&user_id=2", KEY, 400, "credential_type is required"),
-        ("/v2/sip_registration_status?credential_type=uac_third-party_credential&user_id=2", KEY, 400,
-         "connection_id is required"),
-        ("/v2/sip_registration_status?credential_type=uac_third-party_credential&connection_id=1", KEY, 400,
-         "user_id is required"),
+        (
+            "/v2/sip_registration_status?credential_type=uac_third-party_credential&user_id=2",
+            KEY,
+            400,
+            "connection_id is required",
+        ),
+        (
+            "/v2/sip_registration_status?credential_type=uac_third-party_credential&connection_id=1",
+            KEY,
+            400,
+            "user_id is required",
+        ),
         ("/v2/sip_registration_status?credential_type=bogus&connection_id=1&user_id=2", KEY, 400, "must be one of"),
-        ("/v2/sip_registration_status?credential_type=telephony_credential&connection_id=1&user_id=2", KEY, 400,
-         "not served"),
-        ("/v2/sip_registration_status?credential_type=sip_credential_connection&connection_id=1&user_id=2", KEY,
-         400, "not served"),
+        (
+            "/v2/sip_registration_status?credential_type=telephony_credential&connection_id=1&user_id=2",
+            KEY,
+            400,
+            "not served",
+        ),
+        (
+            "/v2/sip_registration_status?credential_type=sip_credential_connection&connection_id=1&user_id=2",
+            KEY,
+            400,
+            "not served",
+        ),
         (Q.format("2954035328656082602", "999"), KEY, 403, "not owned by user_id 999"),
         (Q.format("nope", "323"), KEY, 404, "no connection matches connection_id nope"),
     ],
 )
-def test_every_error(server: tuple[str, CollectorRegistry], query: str, key: str | None, status: int,
-                     words: str) -> None:
+def test_every_error(
+    server: tuple[str, CollectorRegistry], query: str, key: str | None, status: int, words: str
+) -> None:
     base, _ = server
     code, body = get(base + query, key)
     assert code == status

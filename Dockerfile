@@ -1,0 +1,55 @@
+# syntax=docker/dockerfile:1
+#
+# uac-agent image.
+#   docker build -t uac-agent .
+#   docker run --rm -v "$PWD/config.yaml:/etc/uac-agent/config.yaml:ro" \
+#     -p 5070:5070/udp -p 5070:5070/tcp -p 5071:5071/tcp -p 8080:8080 uac-agent
+#
+# The config must set sip.bind: 0.0.0.0 and http.listen: 0.0.0.0:8080 (or
+# UAC_AGENT_SIP__BIND / UAC_AGENT_HTTP__LISTEN): the defaults (127.0.0.1) are
+# unreachable from outside the container and cannot reach a remote PBX.
+# The HEALTHCHECK assumes the HTTP port is 8080.
+# pjsua2-python ships x86_64 wheels only: build for linux/amd64.
+# `docker stop` waits 10 s by default: keep shutdown_timeout_sec well below the
+# stop timeout so every binding is unregistered before SIGKILL.
+
+FROM python:3.12-slim
+
+ARG VERSION=0.1.0
+
+LABEL org.opencontainers.image.title="uac-agent" \
+      org.opencontainers.image.description="SIP UAC registration agent (pjsua2): registers to a PBX and keeps the registration alive" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Proprietary"
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+# The pjsua2 wheel bundles its own OpenSSL; the CA bundle for sip.tls_ca_file
+# is the base image's /etc/ssl/certs/ca-certificates.crt.
+COPY pyproject.toml README.md /tmp/src/
+COPY agent /tmp/src/agent
+RUN pip install --no-cache-dir /tmp/src \
+    && rm -rf /tmp/src
+
+RUN groupadd --system --gid 10001 uac \
+    && useradd --system --no-log-init --uid 10001 --gid uac --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin uac \
+    && mkdir -p /etc/uac-agent
+
+# 5070 SIP UDP+TCP (sip.port), 5071 SIP TLS (sip.tls_port, default port + 1),
+# 8080 HTTP status/health/metrics (http.listen).
+EXPOSE 5070/udp 5070/tcp 5071/tcp 8080/tcp
+
+USER 10001:10001
+
+# /healthz answers 200 while the SIP thread runs, 503 otherwise; urlopen raises
+# on 503 or a refused connection, so the check exits 1 (with a traceback).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4).status != 200)"]
+
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["uac-agent"]
+CMD ["run", "--config", "/etc/uac-agent/config.yaml"]
