@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import json
+import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -445,8 +447,28 @@ def format_validation_error(err: ValidationError, data: dict[str, Any] | None) -
     return lines
 
 
-def load_settings(path: Path | None) -> AgentSettings:
+def unknown_env_settings(environ: Mapping[str, str]) -> list[str]:
+    """``UAC_AGENT_*`` variables that name no setting (a typo would be ignored otherwise)."""
+    problems = []
+    for name in sorted(environ):
+        if not name.startswith("UAC_AGENT_") or name == "UAC_AGENT_CONFIG":
+            continue
+        parts = name[len("UAC_AGENT_") :].lower().split("__")
+        fields: dict[str, Any] | None = AgentSettings.model_fields
+        for part in parts:
+            if fields is None or part not in fields:
+                problems.append(f"environment variable {name}: unknown setting")
+                break
+            ann = fields[part].annotation
+            fields = ann.model_fields if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return problems
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> AgentSettings:
     """Read ``path`` (may be None: environment only); raise ConfigError on any problem."""
+    env_problems = unknown_env_settings(os.environ if environ is None else environ)
+    if env_problems:
+        raise ConfigError(env_problems)
     data = read_config_file(path) if path is not None else None
     token = _config_file.set(path)
     try:

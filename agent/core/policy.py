@@ -193,6 +193,7 @@ class RegistrationPolicy:
         self.auth_retries = 0
         self.attempts = 0
         self._registered_since: float | None = None  # monotonic
+        self.timeouts: list[Outcome] = []  # attempts given up by poll(); the caller drains them
 
     # -- moves ------------------------------------------------------------
 
@@ -246,7 +247,8 @@ class RegistrationPolicy:
         attempt = self._attempt
         if self.state == RegState.REGISTERING and attempt is not None:
             if now - attempt.started >= self.settings.register_timeout_sec:
-                self.on_response(RegisterResponse(code=408, reason="Request Timeout (no final response)"))
+                timeout = RegisterResponse(code=408, reason="Request Timeout (no final response)")
+                self.timeouts.append(self.on_response(timeout))
         elif self.state == RegState.UNREGISTERING and attempt is not None:
             if now - attempt.started >= self.settings.unregister_timeout_sec:
                 self._attempt = None

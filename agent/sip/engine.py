@@ -250,6 +250,8 @@ class SipEngine:
 
     def _step(self, adapter: Any, c: _Conn) -> bool:
         action = c.policy.poll()
+        while c.policy.timeouts:
+            self._report(c, c.policy.timeouts.pop(0), 408)
         if action is None:
             return self._note_state(c, None)
         key = c.conn.connection_id

@@ -227,3 +227,11 @@ def test_bad_config_exits_2_without_traceback_and_without_secrets(tmp_path: Path
 def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "cannot read config file" in capsys.readouterr().err
+
+
+def test_misspelt_environment_variable_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UAC_AGENT_HTTP__API_KYE", "x")
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, GOOD))
+    assert e.value.problems == ["environment variable UAC_AGENT_HTTP__API_KYE: unknown setting"]
+    assert "x" not in str(e.value).split(":")[-1]

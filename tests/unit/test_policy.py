@@ -279,6 +279,8 @@ def test_no_final_response_times_out_as_408() -> None:
     clock.advance(1.5)
     p.poll()
     assert p.state is RegState.RETRY_WAIT  # never stuck "in progress"
+    assert len(p.timeouts) == 1  # surfaced for logs and metrics
+    assert p.timeouts[0].duration == pytest.approx(40.5)
     assert p.snapshot().last_response_code == 408
     # a late answer from the stack while waiting to retry is ignored, not counted twice
     assert p.on_response(OK).ignored
