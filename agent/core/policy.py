@@ -393,6 +393,10 @@ class RegistrationPolicy:
         return self._binding_expires is not None and self.clock.monotonic() < self._binding_expires
 
     @property
+    def registration_status(self) -> RegistrationStatus:
+        return self._update_status()
+
+    @property
     def finished(self) -> bool:
         return self.state in (RegState.STOPPED, RegState.DISABLED) and self._attempt is None
 

@@ -311,7 +311,7 @@ class SipEngine:
 
     def _note_state(self, c: _Conn, cause: str | None) -> bool:
         p = c.policy
-        key = (p.state, p.registered, p.snapshot().registration_status)
+        key = (p.state, p.registered, p.registration_status)
         if key == c.last_key:
             return False
         old = c.last_key
@@ -322,7 +322,7 @@ class SipEngine:
                 old_state=old[0].value if hasattr(old[0], "value") else old[0],
                 state=p.state.value,
                 registered=p.registered,
-                registration_status=int(p.snapshot().registration_status),
+                registration_status=int(p.registration_status),
                 cause=cause or p.last_response,
             )
         return True
