@@ -132,8 +132,11 @@ class PjsuaAdapter:
         cfg.uaConfig.maxCalls = 4
         self._writer = _LogWriter(self._sink)
         cfg.logConfig.writer = self._writer
-        cfg.logConfig.consoleLevel = 0
-        cfg.logConfig.level = 5 if s.trace else s.log_level
+        level = 5 if s.trace else s.log_level
+        cfg.logConfig.level = level
+        # pjsua hands a message to the writer only up to consoleLevel; the writer
+        # replaces the console, so nothing is printed by pjsip itself.
+        cfg.logConfig.consoleLevel = level
         cfg.logConfig.msgLogging = 1 if s.trace else 0
         cfg.logConfig.decor = 0
         cfg.medConfig.noVad = True

@@ -149,3 +149,39 @@ def test_wrong_password_with_kamailio_is_401_and_slow(
     assert agent.status("c-pw")["sip_registration_details"]["attempts"] == 1  # no hammering
     assert "not-bobs" not in agent.raw_log()
     assert agent.terminate() == 0
+
+
+def test_sha256_digest_through_outbound_proxy(
+    tmp_path: Path, agent_factory: Callable[..., AgentProcess], pki: dict[str, Path]
+) -> None:
+    """The registrar's domain is not resolvable; the REGISTER reaches it only through
+    outbound_proxy. The registrar challenges with SHA-256 only."""
+    k = start_kamailio(tmp_path / "k-sha", pki, algorithm="SHA-256")
+    try:
+        agent = agent_factory(
+            [
+                connection(
+                    "c-sha",
+                    "sip:pbx.lab.invalid",
+                    "UDP",
+                    "alice",
+                    ext={"outbound_proxy": f"sip:127.0.0.1:{k.cfg.port}", "auth_username": "alice"},
+                )
+            ],
+            sip={"trace": True},
+        )
+        agent.wait_for(lambda: k.lookup("alice") is not None, 15, "binding via outbound proxy")
+        st = agent.status("c-sha")
+        assert st["registered"] is True
+        assert st["third-party_uac_settings"]["outbound_proxy"] == f"sip:127.0.0.1:{k.cfg.port}"
+        assert "line=c-sha" in (k.lookup("alice") or "")
+        trace = agent.raw_log()
+        assert "algorithm=SHA-256" in trace  # the challenge, as the agent's SIP trace saw it
+        assert "REGISTER sip:pbx.lab.invalid" in trace  # R-URI is the registrar; sent via the proxy
+        assert "Authorization: <redacted>" in trace
+        assert 'response=\\"' not in trace and 'response="' not in trace  # digest never logged
+        assert USERS["alice"] not in trace
+        assert agent.terminate() == 0
+        assert k.lookup("alice") is None
+    finally:
+        k.stop()
