@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                 agent.wait(15)
             except subprocess.TimeoutExpired:
                 agent.kill()
+        pbx.stop()  # before printing: a closed stdout must not leave the PBX running
         print(f"agent exited with {agent.returncode}", flush=True)
-        pbx.stop()
     return code if agent.returncode == 0 else (agent.returncode or 1)
 
 
