@@ -24,6 +24,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -36,11 +37,13 @@ from agent.core.policy import PolicySettings
 __all__ = [
     "MAX_CONNECTIONS",
     "AgentSettings",
+    "ApiKeySettings",
     "ConfigError",
     "Connection",
     "ExternalUacSettings",
     "InternalUacSettings",
     "RegistrationKnobs",
+    "StoreSettings",
     "load_settings",
     "parse_sip_uri",
 ]
@@ -258,10 +261,56 @@ class SipSettings(_Strict):
         return v
 
 
+def _read_key(value: SecretStr | None, path: Path | None, what: str) -> SecretStr | None:
+    if value is not None and path is not None:
+        raise ValueError(f"set either {what} or {what}_file, not both")
+    if path is not None:
+        try:
+            return SecretStr(path.read_text().strip())
+        except OSError as e:
+            raise ValueError(f"{what}_file {path} cannot be read: {e.strerror}") from None
+    return value
+
+
+class ApiKeySettings(_Strict):
+    """A Bearer key that acts for one user: it sees and changes only that user's connections."""
+
+    user_id: str
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+
+    @field_validator("user_id", mode="before")
+    @classmethod
+    def _uid(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if isinstance(v, str) and not _ID_RE.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _key(self) -> ApiKeySettings:
+        self.api_key = _read_key(self.api_key, self.api_key_file, "api_key")
+        if self.api_key is None or len(self.api_key.get_secret_value()) < 16:
+            raise ValueError("api_key (or api_key_file) is required and must be at least 16 characters")
+        return self
+
+
 class HttpSettings(_Strict):
     listen: str = "127.0.0.1:8080"
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
+    # Keys that act for one user each (the UAC Connections API); api_key acts for every user.
+    api_keys: list[ApiKeySettings] = Field(default_factory=list)
+    # Owner of connections created with api_key when the request names no user_id.
+    default_user_id: str = "default"
+
+    @field_validator("default_user_id")
+    @classmethod
+    def _default_uid(cls, v: str) -> str:
+        if not _ID_RE.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return v
 
     @field_validator("listen")
     @classmethod
@@ -288,10 +337,36 @@ class HttpSettings(_Strict):
             raise ValueError("api_key (or api_key_file) is required: the status endpoint needs a Bearer key")
         return self
 
+    @model_validator(mode="after")
+    def _user_keys(self) -> HttpSettings:
+        seen = {self.api_key.get_secret_value()} if self.api_key is not None else set()
+        for k in self.api_keys:
+            assert k.api_key is not None
+            if k.api_key.get_secret_value() in seen:
+                raise ValueError(f"api_keys: the key of user_id {k.user_id} is used twice (or equals api_key)")
+            seen.add(k.api_key.get_secret_value())
+        return self
+
     @property
     def host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]"), int(port)
+
+
+class StoreSettings(_Strict):
+    """Where connections created or changed through the API are kept (SQLite)."""
+
+    # A file path, or ":memory:" to keep nothing across restarts. Default:
+    # connections.db in $STATE_DIRECTORY (systemd's StateDirectory=, also set in
+    # the Docker image), else beside the config file, else the working directory.
+    path: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError('must be a file path or ":memory:"')
+        return v
 
 
 class LogSettings(_Strict):
@@ -329,6 +404,13 @@ class AgentSettings(BaseSettings):
     defaults: RegistrationKnobs = Field(default_factory=RegistrationKnobs)
     shutdown_timeout_sec: Annotated[float, Field(gt=0, le=60)] = 5.0
     connections: list[Connection] = Field(default_factory=list)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    _config_path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def config_path(self) -> Path | None:
+        """The file these settings were read from (None: environment only)."""
+        return self._config_path
 
     @classmethod
     def settings_customise_sources(
@@ -472,7 +554,9 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
     data = read_config_file(path) if path is not None else None
     token = _config_file.set(path)
     try:
-        return AgentSettings()  # filled by the file and environment sources
+        settings = AgentSettings()  # filled by the file and environment sources
+        settings._config_path = path
+        return settings
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, data)) from None
     finally:

@@ -72,14 +72,19 @@ class _Account(pj.Account):  # type: ignore[misc]
         super().__init__()
         self.key = key
         self._sink = sink
+        self.removed = False  # set before shutdown(): a removed account's late reports are dropped
 
     def onRegStarted(self, prm: Any) -> None:  # noqa: N802
+        if self.removed:
+            return
         try:
             self._sink(RegStarted(key=self.key, renew=bool(prm.renew)))
         except Exception as e:
             self._sink(StackLog(level=1, message=f"onRegStarted failed: {e!r}"))
 
     def onRegState(self, prm: Any) -> None:  # noqa: N802
+        if self.removed:
+            return
         try:
             whole = str(prm.rdata.wholeMsg or "")
             src = str(prm.rdata.srcAddress or "")
@@ -219,6 +224,7 @@ class PjsuaAdapter:
     def remove_account(self, key: str) -> None:
         acc = self._accounts.pop(key, None)
         if acc is not None:
+            acc.removed = True  # its account may be re-created under the same key at once
             acc.shutdown()
 
     def handle_events(self, msec: int) -> None:

@@ -16,25 +16,47 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config import AgentSettings, Connection
+from agent.config import MAX_CONNECTIONS, AgentSettings, Connection
 from agent.core.clock import Clock
-from agent.core.policy import Action, Outcome, RegisterResponse, RegistrationPolicy
+from agent.core.policy import Action, Outcome, RegisterResponse, RegistrationPolicy, RegState
 from agent.metrics import Metrics
 from agent.sip.events import RegResult, RegStarted, SipEvent, StackLog, TransportDown
 from agent.sip.specs import StackSettings
 from agent.sip.uris import account_spec
 from agent.status import ConnectionStatus, build_status
 
-__all__ = ["EngineError", "SipEngine"]
+__all__ = ["ConnectionLimitError", "EngineError", "NotRegisteringError", "SipEngine", "UnknownConnectionError"]
 
 Command = Callable[[], None]
 
 
 class EngineError(RuntimeError):
-    """The SIP thread could not start."""
+    """The SIP thread could not start (or, for a runtime change, is stopping)."""
+
+
+class ConnectionLimitError(EngineError):
+    """One more registering connection would pass pjsua2's PJSUA_MAX_ACC."""
+
+
+class UnknownConnectionError(EngineError):
+    """No connection has that id on the SIP thread."""
+
+
+class NotRegisteringError(EngineError):
+    """The connection keeps no registration (inactive, or no external_uac_settings)."""
+
+
+@dataclass
+class _Wait:
+    """A runtime change that continues once ``done()`` (or at ``deadline``, monotonic)."""
+
+    done: Callable[[], bool]
+    deadline: float
+    then: Callable[[], Any]
 
 
 @dataclass
@@ -98,6 +120,9 @@ class SipEngine:
         self._stop = threading.Event()
         self._stop_deadline: float | None = None
         self._heartbeat = 0.0
+        self._adapter: Any = None  # set on the SIP thread; runtime changes use it there
+        self._busy: dict[str, tuple[_Wait, Future[Any]]] = {}  # connection_id -> change in progress
+        self._waiting: dict[str, list[tuple[Command, Future[Any]]]] = {}  # changes queued behind it
 
     # -- other threads ----------------------------------------------------
 
@@ -150,6 +175,7 @@ class SipEngine:
 
             factory = self._adapter_factory or PjsuaAdapter
             adapter = factory(self._events.append)
+            self._adapter = adapter
             s = self._settings.sip
             adapter.start(
                 StackSettings(
@@ -189,6 +215,7 @@ class SipEngine:
             except Exception as e:
                 self._log.error("sip_stack_shutdown_failed", error=repr(e))
             self._metrics.sip_thread_up.set(0)
+            self._fail_changes()
             self._publish()
             self._log.info("sip_thread_stopped")
 
@@ -236,6 +263,7 @@ class SipEngine:
                     c.policy.stop()
             for c in self._conns.values():
                 changed |= self._step(adapter, c)
+            changed |= self._run_waits()
             now = time.monotonic()
             if changed or now - last_publish >= 0.1:
                 self._publish()
@@ -355,3 +383,226 @@ class SipEngine:
         self._statuses = statuses
         for st in statuses.values():
             self._metrics.publish(st)
+
+    # -- runtime changes (UAC Connections API, reload) ------------------------
+    #
+    # Other threads call the public methods; each returns a Future and queues a
+    # command that runs on the SIP thread. Changes to one connection run one at a
+    # time, in order; a change that must wait for an unregister answer parks in
+    # ``_busy`` and continues from the loop. Connections a change does not name
+    # are never touched.
+
+    def apply_connection(self, conn: Connection) -> Future[Any]:
+        """Add ``conn``, or bring the running connection with its id to it.
+
+        Result: ``"added"``; ``"updated"`` (nothing the registration uses changed:
+        the new settings are swapped in, no REGISTER is sent); or ``"replaced"``
+        (the old binding was unregistered, then the account re-created).
+        """
+        return self._change(conn.connection_id, lambda: self._apply(conn))
+
+    def remove_connection(self, connection_id: str) -> Future[Any]:
+        """Unregister (waiting for the answer, at most the unregister deadline), then remove."""
+        return self._change(connection_id, lambda: self._remove(connection_id))
+
+    def register_now(self, connection_id: str) -> Future[Any]:
+        """Refresh (or retry) the registration now; restarts one stopped by ``unregister_now``."""
+        return self._change(connection_id, lambda: self._register_now(connection_id))
+
+    def unregister_now(self, connection_id: str) -> Future[Any]:
+        """Unregister and stay stopped until ``register_now`` or a change of the connection."""
+        return self._change(connection_id, lambda: self._unregister_now(connection_id))
+
+    def replace_settings(self, settings: AgentSettings) -> Future[Any]:
+        """Use ``settings`` (e.g. new ``defaults``) for connections applied from now on."""
+
+        def swap() -> None:
+            self._settings = settings
+
+        return self._change("", swap)
+
+    def _change(self, key: str, fn: Callable[[], Any]) -> Future[Any]:
+        fut: Future[Any] = Future()
+
+        def run() -> None:
+            if key in self._busy:
+                self._waiting.setdefault(key, []).append((run, fut))
+                return
+            if self._stop.is_set():
+                fut.set_exception(EngineError("the agent is stopping"))
+                return
+            try:
+                result = fn()
+            except Exception as e:
+                fut.set_exception(e)
+                return
+            if isinstance(result, _Wait):
+                self._busy[key] = (result, fut)
+            else:
+                fut.set_result(result)
+                self._publish()
+
+        self.submit(run)
+        return fut
+
+    def _run_waits(self) -> bool:
+        if not self._busy:
+            return False
+        now = time.monotonic()
+        progressed = False
+        for key, (wait, fut) in list(self._busy.items()):
+            if not (wait.done() or now >= wait.deadline):
+                continue
+            del self._busy[key]
+            progressed = True
+            try:
+                fut.set_result(wait.then())
+            except Exception as e:
+                fut.set_exception(e)
+            for run, _ in self._waiting.pop(key, []):
+                run()
+        if progressed:
+            self._publish()
+        return progressed
+
+    def _fail_changes(self) -> None:
+        pending = [fut for _, fut in self._busy.values()]
+        pending += [fut for queued in self._waiting.values() for _, fut in queued]
+        self._busy.clear()
+        self._waiting.clear()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(EngineError("the SIP thread stopped before the change completed"))
+
+    def _wait_deadline(self) -> float:
+        # An unregister is given up by the policy after unregister_timeout_sec; a
+        # REGISTER in flight is waited for at most as long again.
+        return time.monotonic() + 2 * self._settings.shutdown_timeout_sec + 1.0
+
+    def _conn(self, connection_id: str) -> _Conn:
+        c = self._conns.get(connection_id)
+        if c is None:
+            raise UnknownConnectionError(f"no connection {connection_id}")
+        return c
+
+    def _check_room(self, conn: Connection) -> None:
+        if not conn.registers:
+            return
+        others = sum(1 for k, c in self._conns.items() if k != conn.connection_id and c.has_account)
+        if others + 1 > MAX_CONNECTIONS:
+            raise ConnectionLimitError(
+                f"{others} registering connections are running; one agent process holds at most "
+                f"{MAX_CONNECTIONS} (pjsua2's PJSUA_MAX_ACC)"
+            )
+
+    @staticmethod
+    def _registration_changed(old: Connection, new: Connection) -> bool:
+        if old.registers != new.registers:
+            return True
+        return old.registers and account_spec(old) != account_spec(new)
+
+    def _add_or_undo(self, conn: Connection) -> None:
+        try:
+            self._add(self._adapter, conn)
+        except Exception:
+            c = self._conns.pop(conn.connection_id, None)
+            if c is not None and c.has_account:
+                self._adapter.remove_account(conn.connection_id)
+            raise
+
+    def _apply(self, conn: Connection) -> Any:
+        key = conn.connection_id
+        old = self._conns.get(key)
+        if old is None:
+            self._check_room(conn)
+            self._add_or_undo(conn)
+            return "added"
+        if not self._registration_changed(old.conn, conn):
+            old.conn = conn
+            old.policy.settings = self._settings.policy_settings(conn)
+            old.log.info("connection_updated", reregister=False)
+            return "updated"
+        self._check_room(conn)
+        old.log.info("connection_replacing", registered=old.policy.registered, registers=conn.registers)
+        old.policy.stop()
+        return _Wait(
+            done=lambda: old.policy.finished, deadline=self._wait_deadline(), then=lambda: self._replace(old, conn)
+        )
+
+    def _replace(self, old: _Conn, conn: Connection) -> str:
+        key = conn.connection_id
+        if old.has_account:
+            self._adapter.remove_account(key)
+            old.has_account = False
+        try:
+            self._add_or_undo(conn)
+        except Exception as e:
+            old.log.error("connection_replace_failed", error=str(e))
+            try:
+                self._add_or_undo(old.conn)  # carry on with the settings that worked
+            except Exception as e2:
+                old.log.error("connection_restore_failed", error=str(e2))
+            raise
+        return "replaced"
+
+    def _remove(self, connection_id: str) -> Any:
+        c = self._conn(connection_id)
+        c.log.info("connection_removing", registered=c.policy.registered)
+        c.policy.stop()
+        return _Wait(done=lambda: c.policy.finished, deadline=self._wait_deadline(), then=lambda: self._drop(c))
+
+    def _drop(self, c: _Conn) -> bool:
+        key = c.conn.connection_id
+        if c.has_account:
+            self._adapter.remove_account(key)
+            c.has_account = False
+        if self._conns.get(key) is c:
+            del self._conns[key]
+        self._forget_metrics(key)
+        c.log.info("connection_removed", last_response=c.policy.last_response)
+        return True
+
+    def _register_now(self, connection_id: str) -> Any:
+        c = self._conn(connection_id)
+        if not c.has_account:
+            raise NotRegisteringError(f"connection {connection_id} keeps no registration (inactive or no settings)")
+        p = c.policy
+
+        def restart() -> str:
+            if p.state == RegState.STOPPED:
+                p.activate()
+            p.request_refresh()
+            c.log.info("register_requested", state=p.state.value)
+            return p.state.value
+
+        if p.state == RegState.UNREGISTERING:
+            return _Wait(done=lambda: p.finished, deadline=self._wait_deadline(), then=restart)
+        return restart()
+
+    def _unregister_now(self, connection_id: str) -> Any:
+        c = self._conn(connection_id)
+        if not c.has_account:
+            raise NotRegisteringError(f"connection {connection_id} keeps no registration (inactive or no settings)")
+        c.log.info("unregister_requested", registered=c.policy.registered)
+        c.policy.stop()
+        return _Wait(done=lambda: c.policy.finished, deadline=self._wait_deadline(), then=lambda: c.policy.state.value)
+
+    def _forget_metrics(self, key: str) -> None:
+        """Drop a removed connection's gauges (counters and histograms stay, as Prometheus expects)."""
+        m = self._metrics
+        for name in ("registered", "registration_status", "last_code", "expires", "failures", "next_action"):
+            try:
+                getattr(m, name).remove(key)
+            except (AttributeError, KeyError, ValueError):
+                pass
+        for state in ("ACTIVE", "INACTIVE"):
+            try:
+                m.pair_state.remove(key, state)
+            except (AttributeError, KeyError, ValueError):
+                pass
+        last = getattr(m, "_last_info", {}).pop(key, None)
+        if last is not None:
+            try:
+                m.last_info.remove(key, last)
+            except (AttributeError, KeyError, ValueError):
+                pass
