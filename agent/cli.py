@@ -1,5 +1,8 @@
 """``uac-agent run`` and ``uac-agent check-config``.
 
+SIGHUP (``systemctl reload``) re-reads the config file and applies only what
+changed (agent/reload.py); a bad file is refused and the agent carries on.
+
 Exit codes: 0 after a graceful stop (or a valid config), 2 for a bad config
 (one line per problem on stderr, no traceback), 1 when the agent cannot start
 (e.g. the SIP port is taken), 128+N when a second signal N forces the exit.
@@ -20,12 +23,17 @@ from types import FrameType
 from prometheus_client import CollectorRegistry
 
 from agent import __version__
+from agent.api.handlers import Authenticator, ConnectionsApi
+from agent.api.openapi import build_openapi
+from agent.api.service import ConnectionService
 from agent.config import AgentSettings, ConfigError, load_settings
 from agent.core.clock import SystemClock
 from agent.http.server import HttpServer, StatusApi
 from agent.logs import configure_logging
 from agent.metrics import Metrics
+from agent.reload import reload_from_file
 from agent.sip.engine import EngineError, SipEngine
+from agent.store import ConnectionStore, StoreError, resolve_store_path
 
 __all__ = ["main"]
 
@@ -71,8 +79,16 @@ def run(settings: AgentSettings, install_signals: bool = True) -> int:
     log = configure_logging(settings.log.format, settings.log.level)
     registry = CollectorRegistry()
     metrics = Metrics(registry, __version__)
-    engine = SipEngine(settings, metrics, log, SystemClock(), random.Random())
+    try:
+        store = ConnectionStore(resolve_store_path(settings.store.path, settings.config_path, os.environ))
+    except StoreError as e:
+        log.error("store_open_failed", error=str(e))
+        return 1
+    service = ConnectionService(settings, store, log)
+    engine = SipEngine(service.engine_settings(), metrics, log, SystemClock(), random.Random())
+    service.attach(engine)
     stop = threading.Event()
+    reload_requested = threading.Event()
     signals_seen: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -81,23 +97,38 @@ def run(settings: AgentSettings, install_signals: bool = True) -> int:
             os._exit(128 + signum)  # second signal: exit at once
         stop.set()
 
+    def on_hup(_signum: int, _frame: FrameType | None) -> None:
+        reload_requested.set()  # the main loop reloads: nothing else happens in a signal handler
+
     if install_signals:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hup)
 
     assert settings.http.api_key is not None
     host, port = settings.http.host_port
-    api = StatusApi(settings.http.api_key.get_secret_value(), engine.statuses, lambda: engine.alive, registry)
+    connections = ConnectionsApi(service, Authenticator.from_settings(settings.http), build_openapi, log)
+    user_keys = {k.api_key.get_secret_value(): k.user_id for k in settings.http.api_keys if k.api_key is not None}
+    api = StatusApi(
+        settings.http.api_key.get_secret_value(),
+        engine.statuses,
+        lambda: engine.alive,
+        registry,
+        connections=connections,
+        user_keys=user_keys,
+    )
     try:
         http = HttpServer(host, port, api, log)
     except OSError as e:
         log.error("http_listen_failed", listen=settings.http.listen, error=e.strerror)
+        store.close()
         return 1
     try:
         engine.start()
     except EngineError as e:
         log.error("sip_start_failed", error=str(e))
         http.stop()
+        store.close()
         return 1
     http.start()
     log.info(
@@ -106,11 +137,16 @@ def run(settings: AgentSettings, install_signals: bool = True) -> int:
         http=f"{host}:{http.port}",
         sip=f"{settings.sip.bind}:{settings.sip.port}",
         connections=len(settings.connections),
+        store=store.path,
     )
     while not stop.wait(0.5):
+        if reload_requested.is_set():
+            reload_requested.clear()
+            reload_from_file(settings.config_path, service, log)
         if not engine.alive and not stop.is_set():
             log.error("sip_thread_died")
             http.stop()
+            store.close()
             return 1
     log.info(
         "signal_received",
@@ -119,6 +155,7 @@ def run(settings: AgentSettings, install_signals: bool = True) -> int:
     )
     engine.stop(settings.shutdown_timeout_sec)
     http.stop()
+    store.close()
     log.info("agent_stopped")
     return 0
 

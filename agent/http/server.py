@@ -1,4 +1,6 @@
-"""HTTP: ``/metrics``, ``/healthz``, ``/readyz`` and ``GET /v2/sip_registration_status``.
+"""HTTP: ``/metrics``, ``/healthz``, ``/readyz``, ``GET /v2/sip_registration_status``,
+and (when given) the UAC Connections API under ``/v2/uac_connections`` with
+``/openapi.json`` (``agent/api``).
 
 Runs on its own threads (stdlib ``ThreadingHTTPServer``) and never touches
 pjsua2: it reads the immutable status snapshots the SIP thread publishes.
@@ -13,17 +15,21 @@ import json
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from agent.status import ConnectionStatus
 
+if TYPE_CHECKING:
+    from agent.api.handlers import ConnectionsApi
+
 __all__ = ["HttpServer", "StatusApi"]
 
 CREDENTIAL_TYPES = ("uac_third-party_credential", "telephony_credential", "sip_credential_connection")
 SERVED_CREDENTIAL_TYPE = "uac_third-party_credential"
+MAX_BODY_BYTES = 64 * 1024
 
 
 class ApiError(Exception):
@@ -44,15 +50,23 @@ class StatusApi:
         statuses: Callable[[], Mapping[str, ConnectionStatus]],
         sip_alive: Callable[[], bool],
         registry: CollectorRegistry,
+        connections: ConnectionsApi | None = None,
+        user_keys: Mapping[str, str] | None = None,
     ) -> None:
         self._key = api_key.encode()
         self._statuses = statuses
         self._sip_alive = sip_alive
         self._registry = registry
+        self._connections = connections
+        self._user_keys = [(k.encode(), uid) for k, uid in (user_keys or {}).items()]  # key -> user_id
 
-    def handle(self, method: str, target: str, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
+    def handle(
+        self, method: str, target: str, headers: Mapping[str, str], content: bytes = b""
+    ) -> tuple[int, str, bytes]:
         url = urlsplit(target)
         path = url.path.rstrip("/") or "/"
+        if self._connections is not None and self._connections.serves(path):
+            return self._connections.handle(method, path, url.query, headers, content)
         try:
             if method not in ("GET", "HEAD"):
                 raise ApiError(405, "method_not_allowed", "Method Not Allowed", f"{method} is not served on {path}")
@@ -77,18 +91,27 @@ class StatusApi:
         body = {"ready": not waiting, "not_registered": waiting}
         return _json(200 if not waiting else 503, body)
 
-    def _authorize(self, headers: Mapping[str, str]) -> None:
+    def _authorize(self, headers: Mapping[str, str]) -> str | None:
+        """None for ``http.api_key`` (every user); the user_id of an ``http.api_keys`` key."""
         value = headers.get("authorization")
         if not value:
             raise ApiError(401, "unauthorized", "Unauthorized", "missing Authorization header: send 'Bearer <api_key>'")
         scheme, _, token = value.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "unauthorized", "Unauthorized", "Authorization must be 'Bearer <api_key>'")
-        if not hmac.compare_digest(token.strip().encode(), self._key):
+        got = token.strip().encode()
+        if hmac.compare_digest(got, self._key):
+            return None
+        user: str | None = None
+        for key, uid in self._user_keys:
+            if hmac.compare_digest(got, key):
+                user = uid
+        if user is None:
             raise ApiError(401, "unauthorized", "Unauthorized", "invalid API key")
+        return user
 
     def _registration_status(self, query: str, headers: Mapping[str, str]) -> dict[str, Any]:
-        self._authorize(headers)
+        key_user = self._authorize(headers)
         try:
             params = parse_qs(query, keep_blank_values=True, strict_parsing=False, max_num_fields=20)
         except ValueError as e:
@@ -118,6 +141,8 @@ class StatusApi:
                 f"credential_type {ctype} is not served by this agent; only {SERVED_CREDENTIAL_TYPE} is",
                 "credential_type",
             )
+        if key_user is not None and values["user_id"] != key_user:
+            raise ApiError(403, "forbidden", "Forbidden", f"this API key acts for user_id {key_user} only", "user_id")
         st = self._statuses().get(values["connection_id"])
         if st is None:
             raise ApiError(
@@ -147,10 +172,17 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     api: StatusApi
     on_request: Callable[[str, str, int], None]
+    timeout = 15  # seconds a client may take to send its request (a body is read whole)
 
     def _serve(self) -> None:
         headers = {k.lower(): v for k, v in self.headers.items()}
-        status, ctype, body = self.api.handle(self.command, self.path, headers)
+        try:
+            request_body = self._read_body(headers)
+        except ApiError as e:
+            self.close_connection = True
+            status, ctype, body = _json(e.status, {"errors": [e.body]})
+        else:
+            status, ctype, body = self.api.handle(self.command, self.path, headers, request_body)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -159,6 +191,21 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
         self.on_request(self.command, urlsplit(self.path).path, status)
+
+    def _read_body(self, headers: Mapping[str, str]) -> bytes:
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            raise ApiError(411, "length_required", "Length Required", "send the body with a Content-Length")
+        raw = headers.get("content-length", "").strip()
+        if not raw:
+            return b""
+        if not raw.isdigit():
+            raise ApiError(400, "invalid_content_length", "Bad Request", "Content-Length is not a number")
+        length = int(raw)
+        if length > MAX_BODY_BYTES:
+            raise ApiError(
+                413, "payload_too_large", "Payload Too Large", f"the body may be at most {MAX_BODY_BYTES} bytes"
+            )
+        return self.rfile.read(length) if length else b""
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _serve  # noqa: N815
 

@@ -1,0 +1,81 @@
+"""Reload: re-read the config file and apply only what changed.
+
+Rules
+-----
+* A file that does not load (syntax, validation, a limit) is refused with one
+  ``reload_refused`` log line per reason; the running state carries on.
+* Connections are compared whole (settings and secrets): a connection whose
+  validated settings are equal is not touched at all: no REGISTER, same
+  Call-ID. Added ones are added, removed ones unregistered and removed, changed
+  ones applied (the SIP thread re-registers only if the registration changed).
+* ``defaults`` (registration knobs) apply live; the other sections (``sip``,
+  ``http``, ``log``, ``store``, ``shutdown_timeout_sec``) need a restart: a
+  change there is logged as ``reload_needs_restart`` and the running values stay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.config import AgentSettings, ConfigError, Connection, load_settings
+
+__all__ = ["RESTART_ONLY", "ConnectionDiff", "diff_connections", "reload_from_file", "restart_only_changes"]
+
+RESTART_ONLY = ("sip", "http", "log", "store", "shutdown_timeout_sec")
+
+
+@dataclass(frozen=True)
+class ConnectionDiff:
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+    unchanged: tuple[str, ...]
+
+
+def diff_connections(old: dict[str, Connection], new: dict[str, Connection]) -> ConnectionDiff:
+    """Which connection ids were added, removed, changed or left as they were (in file order)."""
+    return ConnectionDiff(
+        added=tuple(k for k in new if k not in old),
+        removed=tuple(k for k in old if k not in new),
+        changed=tuple(k for k in new if k in old and old[k] != new[k]),
+        unchanged=tuple(k for k in new if k in old and old[k] == new[k]),
+    )
+
+
+def restart_only_changes(old: AgentSettings, new: AgentSettings) -> list[str]:
+    """Sections that differ but can only take effect on a restart."""
+    return [name for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
+
+
+class Reloadable(Protocol):
+    def reload(self, new: AgentSettings) -> dict[str, Any]: ...
+
+
+class ReloadRefusedError(Exception):
+    """The new file loads but cannot be applied; ``problems`` says why, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def reload_from_file(path: Path | None, target: Reloadable, log: Any) -> bool:
+    """Re-read ``path`` and apply it; log and return False when it is refused."""
+    if path is None:
+        log.warning("reload_refused", reason="the agent was started without a config file: nothing to re-read")
+        return False
+    log.info("reload_requested", config=str(path))
+    try:
+        new = load_settings(path)
+    except ConfigError as e:
+        log.error("reload_refused", config=str(path), problems=e.problems, note="the running configuration stays")
+        return False
+    try:
+        report = target.reload(new)
+    except ReloadRefusedError as e:
+        log.error("reload_refused", config=str(path), problems=e.problems, note="the running configuration stays")
+        return False
+    log.info("reload_applied", config=str(path), **report)
+    return True
