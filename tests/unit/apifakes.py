@@ -33,7 +33,7 @@ from agent.metrics import Metrics
 from agent.sip.engine import SipEngine
 from agent.sip.events import RegResult, SipEvent
 from agent.sip.specs import AccountSpec, StackSettings
-from agent.store import ConnectionStore
+from agent.store import ConnectionStore, resolve_store_path
 
 KEY = "operator-key-0123456789"
 USER_KEYS = {"tenant-323-key-0123456789": "323", "tenant-999-key-0123456789": "999"}
@@ -174,7 +174,7 @@ def running_agent(settings: AgentSettings) -> Iterator[Harness]:
     """The agent's pieces as cli.run wires them, with the fake SIP stack."""
     stream = io.StringIO()
     log = configure_logging("json", "debug", stream)
-    store = ConnectionStore(str(settings.store.path))
+    store = ConnectionStore(resolve_store_path(settings.store.path, settings.config_path, {}))
     service = ConnectionService(settings, store, log)
     adapters: list[FakeAdapter] = []
 

@@ -460,7 +460,7 @@ def test_api_connections_survive_a_restart(tmp_path: Path) -> None:
         h.call("PATCH", f"{BASE}/{b['id']}", {"internal_uac_settings": DEST, "active": False})
         gone = create(h, connection_name="Gone")
         h.call("DELETE", f"{BASE}/{gone['id']}")
-    db = Path(str(settings.store.path))
+    db = tmp_path / "connections.db"
     assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
     with running_agent(settings) as h:
         h.wait(lambda: h.status(a["id"])["registered"], what="API connection registered after restart")

@@ -1,0 +1,171 @@
+"""Reload (SIGHUP): re-read the file, apply only the differences, refuse a bad file."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from agent.config import Connection, load_settings
+from agent.reload import diff_connections, reload_from_file
+from tests.unit.apifakes import EXT, KEY, USER_KEYS, Harness, running_agent
+
+BASE = "/v2/uac_connections"
+
+
+def conn(cid: str, user: str, **ext: Any) -> dict[str, Any]:
+    return {
+        "connection_id": cid,
+        "user_id": "323",
+        "connection_name": cid,
+        "external_uac_settings": {**EXT, "username": user, "password": f"{user}-password", **ext},
+        "internal_uac_settings": {"destination_uri": "1006@app.example.com"},
+    }
+
+
+def write_config(path: Path, connections: list[dict[str, Any]], **extra: Any) -> Path:
+    data: dict[str, Any] = {
+        "sip": {"bind": "127.0.0.1", "port": 5070},
+        "http": {
+            "listen": "127.0.0.1:0",
+            "api_key": KEY,
+            "api_keys": [{"user_id": u, "api_key": k} for k, u in USER_KEYS.items()],
+        },
+        "defaults": {"initial_delay_max_sec": 0.0},
+        "shutdown_timeout_sec": 1.0,
+        "connections": connections,
+        **extra,
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+def ops(h: Harness, cid: str) -> list[str]:
+    return [what for k, what, _ in h.adapter.sent if k == cid]
+
+
+def test_diff_connections() -> None:
+    a = Connection.model_validate(conn("a", "alice"))
+    b = Connection.model_validate(conn("b", "bob"))
+    b2 = Connection.model_validate(conn("b", "bob", password="other-password"))
+    c = Connection.model_validate(conn("c", "carol"))
+    d = diff_connections({"a": a, "b": b}, {"b": b2, "c": c, "a": a})
+    assert (d.added, d.removed, d.changed, d.unchanged) == (("c",), (), ("b",), ("a",))
+    d = diff_connections({"a": a, "b": b}, {"b": b})
+    assert (d.added, d.removed, d.changed, d.unchanged) == ((), ("a",), (), ("b",))
+
+
+def test_reload_applies_only_the_differences(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "agent.json", [conn("a", "alice"), conn("b", "bob"), conn("gone", "gina")])
+    with running_agent(load_settings(path)) as h:
+        for cid in ("a", "b", "gone"):
+            h.wait(lambda cid=cid: h.status(cid)["registered"], what=f"{cid} registered")
+        _code, out = h.call("POST", BASE, {"connection_name": "api one", "external_uac_settings": EXT})
+        api_id = out["data"]["id"]
+        h.wait(lambda: h.status(api_id)["registered"], what="API connection registered")
+        before = {cid: ops(h, cid) for cid in ("a", "b", "gone", api_id)}
+
+        write_config(
+            path,
+            [
+                conn("a", "alice"),
+                conn("b", "bob", password="bob-new-password"),
+                conn("new", "nina"),
+                {**conn("quiet", "quentin"), "active": False},
+            ],
+        )
+        assert reload_from_file(path, h.service, h.service._log) is True
+        h.wait(lambda: h.status("b")["registered"], what="b registered with the new password")
+        h.wait(lambda: h.status("new")["registered"], what="new registered")
+        assert ops(h, "a") == before["a"]  # untouched: no REGISTER
+        assert ops(h, api_id) == before[api_id]  # API connections are not the file's business
+        assert ops(h, "b")[len(before["b"]) :] == ["unregister", "remove", "add", "register"]
+        assert h.adapter.accounts["b"].password == "bob-new-password"
+        assert ops(h, "gone")[len(before["gone"]) :] == ["unregister", "remove"]
+        assert h.call("GET", f"{BASE}/gone")[0] == 404
+        assert h.status("quiet")["managed_by"] == "file" and h.status("quiet")["registration_status"] == 0
+        log = h.log.getvalue()
+        applied = [json.loads(line) for line in log.splitlines() if '"reload_applied"' in line]
+        assert applied and applied[-1]["changed"] == ["b"] and applied[-1]["removed"] == ["gone"]
+        assert applied[-1]["added"] == ["new", "quiet"] and applied[-1]["unchanged"] == 1
+        assert "bob-new-password" not in log
+
+
+def test_bad_file_on_reload_is_refused_and_the_agent_carries_on(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "agent.json", [conn("a", "alice")])
+    with running_agent(load_settings(path)) as h:
+        h.wait(lambda: h.status("a")["registered"], what="a registered")
+        before = list(h.adapter.sent)
+        good = path.read_text()
+
+        path.write_text(good.replace('"transport": "TCP"', '"transport": "SCTP"'))
+        assert reload_from_file(path, h.service, h.service._log) is False
+        path.write_text("{ this is not json")
+        assert reload_from_file(path, h.service, h.service._log) is False
+        # An id the API already uses cannot be claimed by the file.
+        _code, out = h.call("POST", BASE, {"connection_name": "mine"})
+        api_id = out["data"]["id"]
+        write_config(path, [conn("a", "alice"), conn(api_id, "ivan")])
+        assert reload_from_file(path, h.service, h.service._log) is False
+        # More registering connections than one process holds: in the file alone, or with the API's.
+        write_config(path, [conn(f"c{i}", f"user{i}") for i in range(9)])
+        assert reload_from_file(path, h.service, h.service._log) is False
+        for i in range(3):
+            h.call("POST", BASE, {"connection_name": f"api {i}", "external_uac_settings": EXT})
+        before = list(h.adapter.sent)
+        write_config(path, [conn(f"c{i}", f"user{i}") for i in range(6)])
+        assert reload_from_file(path, h.service, h.service._log) is False
+
+        refused = [json.loads(line) for line in h.log.getvalue().splitlines() if '"reload_refused"' in line]
+        assert len(refused) == 5
+        assert "transport" in refused[0]["problems"][0] and "SCTP" in refused[0]["problems"][0]
+        assert "invalid JSON" in refused[1]["problems"][0]
+        assert "created through the API" in refused[2]["problems"][0]
+        assert "at most 8" in refused[3]["problems"][0]
+        assert "plus 3 created through the API would pass the limit of 8" in refused[4]["problems"][0]
+        assert all(r["level"] == "error" for r in refused)
+        assert h.adapter.sent == before  # nothing touched
+        assert h.status("a")["registered"] is True
+        assert [r.id for r in h.service.visible(None) if r.managed_by == "file"] == ["a"]
+
+
+def test_reload_retunes_defaults_live_and_reports_restart_only_sections(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "agent.json", [conn("a", "alice")])
+    with running_agent(load_settings(path)) as h:
+        h.wait(lambda: h.status("a")["registered"], what="a registered")
+        before = list(h.adapter.sent)
+        data = json.loads(path.read_text())
+        data["defaults"]["forbidden_retry_interval"] = 42
+        data["sip"]["port"] = 5999
+        path.write_text(json.dumps(data))
+        assert reload_from_file(path, h.service, h.service._log) is True
+        applied = [json.loads(line) for line in h.log.getvalue().splitlines() if '"reload_applied"' in line][-1]
+        assert applied["needs_restart"] == ["sip"]
+        assert applied["policy_retuned"] == ["a"]
+        assert h.adapter.sent == before  # knobs change without a REGISTER
+        st = h.engine.statuses()["a"]
+        assert st.registered
+        assert h.service.settings.sip.port == 5070  # the running value stays until a restart
+        c = h.engine._conns["a"]
+        assert c.policy.settings.forbidden_retry_interval_sec == 42
+
+
+def test_reload_without_a_config_file_is_refused(tmp_path: Path) -> None:
+    from tests.unit.apifakes import settings_for
+
+    with running_agent(settings_for(tmp_path)) as h:
+        assert reload_from_file(None, h.service, h.service._log) is False
+        assert "nothing to re-read" in h.log.getvalue()
+
+
+def test_api_connections_keep_their_ids_after_reload(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "agent.json", [])
+    with running_agent(load_settings(path)) as h:
+        _code, out = h.call("POST", BASE, {"connection_name": "api", "external_uac_settings": copy.deepcopy(EXT)})
+        cid = out["data"]["id"]
+        h.wait(lambda: h.status(cid)["registered"], what="registered")
+        write_config(path, [conn("a", "alice")])
+        assert reload_from_file(path, h.service, h.service._log) is True
+        h.wait(lambda: h.status("a")["registered"], what="a registered")
+        assert h.status(cid)["registered"] is True
