@@ -33,8 +33,6 @@ ORDER_BY = ("created_at", "connection_name", "active", "registration_status")
 LIST_PARAMS = (
     "page",
     "per_page",
-    "page[number]",
-    "page[size]",
     "order_by",
     "sort_direction",
     "filter_connection_name",
@@ -216,9 +214,6 @@ class ConnectionsApi:
                 problems.append(Problem("invalid_parameter", f"query parameter {name} is given twice", parameter=name))
             else:
                 values[name] = got[0].strip()
-        for a, b in (("page", "page[number]"), ("per_page", "page[size]")):
-            if a in values and b in values:
-                problems.append(Problem("invalid_parameter", f"give {a} or {b}, not both", parameter=b))
 
         def integer(name: str, default: int, low: int, high: int) -> int:
             raw = values.get(name)
@@ -229,8 +224,8 @@ class ConnectionsApi:
                 return default
             return int(raw)
 
-        page = integer("page[number]" if "page[number]" in values else "page", 1, 1, 10**6)
-        per_page = integer("page[size]" if "page[size]" in values else "per_page", 100, 1, 1000)
+        page = integer("page", 1, 1, 10**6)
+        per_page = integer("per_page", 100, 1, 1000)
         order_by = values.get("order_by", "created_at")
         if order_by not in ORDER_BY:
             problems.append(

@@ -280,10 +280,8 @@ def build_openapi() -> dict[str, Any]:
         "description": "The connection's id (connection_id).",
     }
     q = [
-        ("page", {"type": "integer", "minimum": 1, "default": 1}, "Page number (alias page[number])."),
-        ("per_page", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "Page size (page[size])."),
-        ("page[number]", {"type": "integer", "minimum": 1}, "Page number (JSON:API style)."),
-        ("page[size]", {"type": "integer", "minimum": 1, "maximum": 1000}, "Page size (JSON:API style)."),
+        ("page", {"type": "integer", "minimum": 1, "maximum": 1000000, "default": 1}, "Page number."),
+        ("per_page", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "Page size."),
         (
             "order_by",
             {"enum": ["created_at", "connection_name", "active", "registration_status"], "default": "created_at"},
@@ -300,6 +298,17 @@ def build_openapi() -> dict[str, Any]:
     ]
     list_params = [{"name": n, "in": "query", "required": False, "schema": s, "description": d} for n, s, d in q]
 
+    by_id = {"id": "$response.body#/data/id"}
+    links = {
+        name: {"operationId": op, "parameters": by_id}
+        for name, op in (
+            ("GetConnection", "getUacConnection"),
+            ("UpdateConnection", "updateUacConnection"),
+            ("DeleteConnection", "deleteUacConnection"),
+            ("RegisterConnection", "registerUacConnection"),
+            ("UnregisterConnection", "unregisterUacConnection"),
+        )
+    }
     paths: dict[str, Any] = {
         "/v2/uac_connections": {
             "get": {
@@ -321,7 +330,8 @@ def build_openapi() -> dict[str, Any]:
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ConnectionCreate"}}},
                 },
                 "responses": {
-                    "201": ok("Created. password is included once when it was generated.", "ConnectionResponse"),
+                    "201": ok("Created. password is included once when it was generated.", "ConnectionResponse")
+                    | {"links": links},
                     "403": err("user_id names another user than the key's."),
                     "409": err(f"More than {MAX_CONNECTIONS} registering connections, or the store is full."),
                     "503": err("The SIP thread or the store is unavailable; nothing was changed."),

@@ -425,8 +425,6 @@ def test_list_filters_order_and_pages(agent: Harness) -> None:
     out = agent.call("GET", BASE + "?order_by=connection_name&per_page=2&page=2&filter_managed_by=api")[1]
     assert [d["connection_name"] for d in out["data"]] == ["Charlie lab", "delta lab"]
     assert out["meta"] == {"page_number": 2, "page_size": 2, "total_pages": 2, "total_results": 4}
-    out = agent.call("GET", BASE + "?order_by=connection_name&page[size]=3&page[number]=2&filter_managed_by=api")[1]
-    assert [d["connection_name"] for d in out["data"]] == ["delta lab"]
     out = agent.call("GET", BASE + "?order_by=active&filter_managed_by=api")[1]
     assert out["data"][-1]["connection_name"] == "delta lab"
     for query, param in (
@@ -440,7 +438,7 @@ def test_list_filters_order_and_pages(agent: Harness) -> None:
         ("filter_registration_status=9", "filter_registration_status"),
         ("colour=red", "colour"),
         ("page=1&page=2", "page"),
-        ("page=1&page[number]=2", "page[number]"),
+        ("page[number]=2", "page[number]"),
     ):
         code, out = agent.call("GET", f"{BASE}?{query}")
         assert code == 422, (query, out)
