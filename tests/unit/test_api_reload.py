@@ -111,8 +111,11 @@ def test_bad_file_on_reload_is_refused_and_the_agent_carries_on(tmp_path: Path) 
         # More registering connections than one process holds: in the file alone, or with the API's.
         write_config(path, [conn(f"c{i}", f"user{i}") for i in range(9)])
         assert reload_from_file(path, h.service, h.service._log) is False
-        for i in range(3):
-            h.call("POST", BASE, {"connection_name": f"api {i}", "external_uac_settings": EXT})
+        made = [
+            h.call("POST", BASE, {"connection_name": f"api {i}", "external_uac_settings": EXT})[1] for i in range(3)
+        ]
+        for m in made:
+            h.wait(lambda m=m: h.status(m["data"]["id"])["registered"], what="API connection registered")
         before = list(h.adapter.sent)
         write_config(path, [conn(f"c{i}", f"user{i}") for i in range(6)])
         assert reload_from_file(path, h.service, h.service._log) is False
