@@ -37,11 +37,17 @@ RUN pip install --no-cache-dir /tmp/src \
 RUN groupadd --system --gid 10001 uac \
     && useradd --system --no-log-init --uid 10001 --gid uac --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin uac \
-    && mkdir -p /etc/uac-agent
+    && mkdir -p /etc/uac-agent \
+    && install -d -m 0700 -o uac -g uac /var/lib/uac-agent
 
 # 5070 SIP UDP+TCP (sip.port), 5071 SIP TLS (sip.tls_port, default port + 1),
 # 8080 HTTP status/health/metrics (http.listen).
 EXPOSE 5070/udp 5070/tcp 5071/tcp 8080/tcp
+
+# Connections created through the API: SQLite in $STATE_DIRECTORY (mount a
+# volume to keep them across containers). `docker kill -s HUP` reloads the config.
+ENV STATE_DIRECTORY=/var/lib/uac-agent
+VOLUME ["/var/lib/uac-agent"]
 
 USER 10001:10001
 
