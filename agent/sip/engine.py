@@ -509,6 +509,9 @@ class SipEngine:
             if c is not None and c.has_account:
                 self._adapter.remove_account(conn.connection_id)
             raise
+        c = self._conns[conn.connection_id]
+        if c.has_account:
+            c.policy.request_refresh()  # added at runtime: register now (the stagger is for start-up)
 
     def _apply(self, conn: Connection) -> Any:
         key = conn.connection_id
