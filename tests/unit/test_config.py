@@ -166,10 +166,12 @@ def test_missing_password_is_named_and_secret_never_echoed(tmp_path: Path) -> No
 def test_too_many_connections_is_a_config_error(tmp_path: Path) -> None:
     data = json.loads(json.dumps(GOOD))
     base = data["connections"][0]
-    data["connections"] = [dict(base, connection_id=f"c{i}") for i in range(9)]
+    data["connections"] = [dict(base, connection_id=f"c{i}") for i in range(7)]
+    assert len(load_settings(write(tmp_path, data)).connections) == 7
+    data["connections"] = [dict(base, connection_id=f"c{i}") for i in range(8)]
     with pytest.raises(ConfigError) as e:
         load_settings(write(tmp_path, data))
-    assert "at most 8" in str(e.value)
+    assert "at most 7" in str(e.value)
 
 
 def test_duplicate_connection_id(tmp_path: Path) -> None:
