@@ -42,7 +42,8 @@ RUN groupadd --system --gid 10001 uac \
 
 # 5070 SIP UDP+TCP (sip.port), 5071 SIP TLS (sip.tls_port, default port + 1),
 # 8080 HTTP status/health/metrics (http.listen).
-EXPOSE 5070/udp 5070/tcp 5071/tcp 8080/tcp
+# SIP, TLS, HTTP, and the RTP range of bridged calls (sip.rtp_port .. + rtp_port_range)
+EXPOSE 5070/udp 5070/tcp 5071/tcp 8080/tcp 40000-40999/udp
 
 # Connections created through the API: SQLite in $STATE_DIRECTORY (mount a
 # volume to keep them across containers). `docker kill -s HUP` reloads the config.

@@ -36,6 +36,9 @@ from agent.core.policy import PolicySettings
 
 __all__ = [
     "MAX_CONNECTIONS",
+    "MAX_FORWARDED_CALLS",
+    "PJSUA_MAX_ACC",
+    "PJSUA_MAX_CALLS",
     "AgentSettings",
     "ApiKeySettings",
     "ConfigError",
@@ -48,8 +51,17 @@ __all__ = [
     "parse_sip_uri",
 ]
 
-# pjsua2's compile-time PJSUA_MAX_ACC: the 9th account aborts the process.
-MAX_CONNECTIONS = 8
+# pjsua2's compile-time PJSUA_MAX_ACC is 8 (the 9th account aborts the process);
+# one account is the agent's own, used for the outgoing leg of forwarded calls.
+PJSUA_MAX_ACC = 8
+MAX_CONNECTIONS = PJSUA_MAX_ACC - 1
+# pjsua2's compile-time PJSUA_MAX_CALLS: the pjsua2-python 2.15.1 wheel caps
+# UaConfig.maxCalls at 4 (measured: the 5th makeCall fails with PJ_ETOOMANY and
+# an INVITE past it gets pjsua's own 486). A bridged call holds two of them
+# (leg A from the PBX, leg B to the destination), so one process bridges at
+# most 2 calls at once.
+PJSUA_MAX_CALLS = 4
+MAX_FORWARDED_CALLS = PJSUA_MAX_CALLS // 2
 
 _SECRET_FIELDS = {"password", "api_key"}
 _USERPART = r"[A-Za-z0-9._~!$&'()*+,;=%-]+"
@@ -176,10 +188,26 @@ class ExternalUacSettings(_Strict):
         return self.from_user or self.username
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 class InternalUacSettings(_Strict):
-    """Seed 000: where the PBX's calls go (``<extension>@<application FQDN>``)."""
+    """Seed 000: where the PBX's calls go (``<extension>@<application FQDN>``), and how.
+
+    ``forward_mode``: ``bridge`` (a B2BUA: a second call leg to the destination,
+    audio and DTMF relayed) or ``redirect`` (302 with the destination as Contact).
+    ``allowed_sources``: CIDRs allowed to place calls besides the addresses the
+    connection's proxy and outbound_proxy resolve to. ``max_calls``: concurrent
+    forwarded calls for this connection (the agent-wide ``sip.max_calls`` also
+    applies). ``ring_timeout_sec``: an unanswered leg B is ended after this long
+    and the PBX gets 480.
+    """
 
     destination_uri: str | None = None
+    forward_mode: Literal["bridge", "redirect"] = "bridge"
+    allowed_sources: list[Network] = Field(default_factory=list)
+    ring_timeout_sec: Annotated[int, Field(ge=1, le=600)] = 60
+    max_calls: Annotated[int, Field(ge=1, le=MAX_FORWARDED_CALLS)] | None = None
 
     @field_validator("destination_uri")
     @classmethod
@@ -188,6 +216,31 @@ class InternalUacSettings(_Strict):
             return None
         _normalise_uri(v, allow_user=True)
         return v
+
+    @field_validator("forward_mode", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("allowed_sources", mode="before")
+    @classmethod
+    def _cidrs(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [p for p in re.split(r"[,\s]+", v) if p]
+        if isinstance(v, list):
+            out = []
+            for item in v:
+                try:
+                    out.append(ipaddress.ip_network(str(item).strip(), strict=False))
+                except ValueError:
+                    raise ValueError(f"{item!r} is not an IP address or CIDR such as 192.0.2.0/24") from None
+            return out
+        return v
+
+    @property
+    def destination_sip_uri(self) -> str | None:
+        """``destination_uri`` with ``sip:`` added when it was given without a scheme."""
+        return None if self.destination_uri is None else _normalise_uri(self.destination_uri, allow_user=True)
 
 
 class Connection(_Strict):
@@ -229,16 +282,33 @@ class SipSettings(_Strict):
     tls_verify_server: bool = True
     user_agent: str = "uac-agent"
     trace: bool = False  # log every SIP message, Authorization values redacted
-    stack_log_level: Annotated[int, Field(ge=0, le=6)] = 1
+    stack_log_level: Annotated[int, Field(ge=0, le=6)] = 2
+    # Media (bridged calls): RTP is bound to rtp_address (default: bind) on ports
+    # from rtp_port upwards (two per call leg: RTP and RTCP).
+    rtp_address: str | None = None
+    rtp_port: Annotated[int, Field(ge=1024, le=65000)] = 40000
+    rtp_port_range: Annotated[int, Field(ge=8, le=20000)] = 1000
+    # Concurrent forwarded calls for the whole agent (a bridged call uses two of
+    # pjsua2's 32 call slots).
+    max_calls: Annotated[int, Field(ge=1, le=MAX_FORWARDED_CALLS)] = MAX_FORWARDED_CALLS
+    # What a call over a limit gets: 486 Busy Here, or 503 with Retry-After.
+    over_limit_response: Literal[486, 503] = 486
+    over_limit_retry_after_sec: Annotated[int, Field(ge=1, le=3600)] = 5
 
-    @field_validator("bind")
+    @field_validator("bind", "rtp_address")
     @classmethod
-    def _bind(cls, v: str) -> str:
+    def _bind(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         try:
             ipaddress.ip_address(v)
         except ValueError:
             raise ValueError("must be an IP address of this host, e.g. 127.0.0.1 or 0.0.0.0") from None
         return v
+
+    @property
+    def effective_rtp_address(self) -> str:
+        return self.rtp_address or self.bind
 
     @model_validator(mode="after")
     def _ports(self) -> SipSettings:

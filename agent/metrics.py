@@ -8,6 +8,7 @@ from agent.status import ConnectionStatus
 
 __all__ = ["Metrics"]
 
+_SETUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 32.0, 64.0)
 
 
@@ -83,6 +84,33 @@ class Metrics:
             "uac_agent_transport_flows_lost",
             "TCP/TLS transport disconnects (dropped flows and failed connects).",
             ["transport"],
+            registry=registry,
+        )
+        self.calls = Counter(
+            "uac_agent_calls",
+            "Calls from the PBX by result: answered, redirected, busy, declined, no_answer, cancelled, failed, "
+            "rejected.",
+            ["connection_id", "result"],
+            registry=registry,
+        )
+        self.calls_active = Gauge(
+            "uac_agent_calls_active",
+            "Calls from the PBX being forwarded now.",
+            label,
+            registry=registry,
+        )
+        self.call_setup = Histogram(
+            "uac_agent_call_setup_seconds",
+            "INVITE from the PBX in to the final answer sent to the PBX.",
+            label,
+            buckets=_SETUP_BUCKETS,
+            registry=registry,
+        )
+        self.inbound_rejected = Counter(
+            "uac_agent_inbound_rejected",
+            "INVITEs refused before forwarding, by reason: source_not_allowed, unknown_contact, no_destination, "
+            "over_limit (connection_id is empty when no connection matched).",
+            ["connection_id", "reason"],
             registry=registry,
         )
         self.sip_thread_up = Gauge("uac_agent_sip_thread_up", "1 while the SIP thread runs.", registry=registry)

@@ -8,6 +8,7 @@ a child process, and reads its location table through ``kamcmd``.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -59,6 +60,11 @@ class KamailioConfig:
     algorithm: str = "MD5"  # or SHA-256
     realm: str = "lab.uac-agent.test"
     extra_route: str = ""
+    # Calls: INVITEs are sent to the callee's registered Contact (lookup("location"))
+    # through a stateful, record-routing proxy, as a PBX does; with relay_to every
+    # INVITE goes straight to that URI instead (the forwarding benchmark's baseline).
+    route_calls: bool = True
+    relay_to: str | None = None
 
     @property
     def tls_port(self) -> int:
@@ -70,6 +76,33 @@ def _module_dir() -> str:
         if os.path.isdir(d):
             return d
     raise RuntimeError("Kamailio modules not found: apt-get install kamailio kamailio-tls-modules")
+
+
+def _call_route(cfg: KamailioConfig) -> str:
+    if not cfg.route_calls:
+        return ""
+    if cfg.relay_to:
+        target = f'        $ru = "{cfg.relay_to}";\n'
+    else:
+        target = (
+            '        if (!lookup("location")) {\n'
+            '            sl_send_reply("404", "Not registered");\n'
+            "            exit;\n"
+            "        }\n"
+        )
+    return (
+        "    if (has_totag()) {\n"
+        "        if (loose_route()) {\n            t_relay();\n            exit;\n        }\n"
+        '        if (is_method("ACK")) {\n            if (t_check_trans()) {\n                t_relay();\n'
+        "            }\n            exit;\n        }\n"
+        '        sl_send_reply("404", "Not here");\n        exit;\n    }\n'
+        '    if (is_method("CANCEL")) {\n        if (t_check_trans()) {\n            t_relay();\n        }\n'
+        "        exit;\n    }\n"
+        '    if (is_method("INVITE|OPTIONS|INFO|MESSAGE")) {\n'
+        '        if (is_method("INVITE")) {\n            record_route();\n        }\n'
+        f"{target}"
+        "        t_relay();\n        exit;\n    }\n"
+    )
 
 
 def render_config(cfg: KamailioConfig, rundir: Path) -> str:
@@ -125,7 +158,7 @@ request_route {{
         exit;
     }}
     if (is_method("REGISTER")) {{
-        xlog("L_NOTICE", "REGISTER from $si:$sp proto=$proto to=$tu ci=$ci cseq=$cs expires=$hdr(Expires)\\n");
+        xlog("L_NOTICE", "REGISTER from $si:$sp proto=$proto to=$tu ci=$ci cseq=$cs exp=$hdr(Expires) t=$TV(Sn)\\n");
         if (!pv_www_authenticate("{cfg.realm}", "$sht(creds=>$au)", "0")) {{
             www_challenge("{cfg.realm}", "0");
             exit;
@@ -139,6 +172,7 @@ request_route {{
         sl_send_reply("200", "OK");
         exit;
     }}
+{_call_route(cfg)}
 {cfg.extra_route}
     sl_send_reply("404", "Not here");
     exit;
@@ -242,6 +276,18 @@ class Kamailio:
         if check and res.returncode != 0:
             raise RuntimeError(f"kamcmd {' '.join(args)} failed: {res.stderr or res.stdout}")
         return res
+
+    def registers(self, user: str) -> list[tuple[float, str, int]]:
+        """Every REGISTER Kamailio received for ``user``: (unix time, Call-ID, CSeq)."""
+        out: list[tuple[float, str, int]] = []
+        pat = re.compile(
+            rf"REGISTER from \S+ proto=\S+ to=sips?:{re.escape(user)}@\S+ ci=(\S+) cseq=(\d+) .* t=([\d.]+)"
+        )
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            m = pat.search(line)
+            if m:
+                out.append((float(m.group(3)), m.group(1), int(m.group(2))))
+        return out
 
     def lookup(self, user: str) -> str | None:
         """The ``ul.lookup`` output for ``user``, or None when it has no binding."""

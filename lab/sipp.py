@@ -296,6 +296,12 @@ class Sipp:
     timeout: float | None = None
     extra_args: Sequence[str] = ()
     sipp_bin: str = "sipp"
+    # Client scenarios: where requests go ("host:port") and the Request-URI user
+    # (-s); host is the local address to bind (another 127.0.0.0/8 address
+    # makes a different source).
+    remote: str | None = None
+    service: str | None = None
+    host: str = HOST
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     returncode: int | None = field(default=None, init=False)
 
@@ -321,7 +327,7 @@ class Sipp:
     def uri(self) -> str:
         """Registrar URI for a client, e.g. ``sip:127.0.0.1:5070`` (``;transport=tcp``)."""
         suffix = ";transport=tcp" if self.transport == "t1" else ""
-        return f"sip:{HOST}:{self.port}{suffix}"
+        return f"sip:{self.host}:{self.port}{suffix}"
 
     def command(self) -> list[str]:
         cmd = [
@@ -329,13 +335,13 @@ class Sipp:
             "-sf",
             str(self.scenario),
             "-i",
-            HOST,
+            self.host,
             "-p",
             str(self.port),
             "-t",
             self.transport,
             "-ci",
-            HOST,  # the control socket (UDP 8888+) would bind 0.0.0.0 otherwise
+            self.host,  # the control socket (UDP 8888+) would bind 0.0.0.0 otherwise
             "-m",
             str(self.calls),
             "-nd",
@@ -351,7 +357,11 @@ class Sipp:
             cmd += ["-set", name, str(value)]
         if self.timeout is not None:
             cmd += ["-timeout", f"{round(self.timeout * 1000)}ms", "-timeout_error"]
+        if self.service is not None:
+            cmd += ["-s", self.service]
         cmd += list(self.extra_args)
+        if self.remote is not None:
+            cmd.append(self.remote)
         return cmd
 
     def start(self, wait: float = 10.0) -> None:
@@ -383,6 +393,8 @@ class Sipp:
                 code = self.proc.returncode
                 self.proc = None
                 self.returncode = code
+                if code == 0:
+                    return  # a short client scenario may finish before we look
                 raise RuntimeError(f"sipp exited at start (rc={code}):\n{self.output()[-3000:]}")
             if _bound_inodes(self.port, self.transport == "t1") & _socket_inodes(self.proc.pid):
                 return
@@ -463,4 +475,20 @@ class Sipp:
             m
             for m in self.messages()
             if m.direction == "sent" and not m.is_request and (code is None or m.status_code == code)
+        ]
+
+    def received_responses(self, code: int | None = None) -> list[SipMessage]:
+        """Responses SIPp received (only status ``code`` unless None)."""
+        return [
+            m
+            for m in self.messages()
+            if m.direction == "received" and not m.is_request and (code is None or m.status_code == code)
+        ]
+
+    def sent_requests(self, method: str | None = None) -> list[SipMessage]:
+        """Requests SIPp sent (only ``method`` unless None)."""
+        return [
+            m
+            for m in self.messages()
+            if m.direction == "sent" and m.is_request and (method is None or m.method == method.upper())
         ]

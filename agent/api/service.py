@@ -40,7 +40,7 @@ from agent.api.models import (
     merge_patch,
     secret_document,
 )
-from agent.config import MAX_CONNECTIONS, AgentSettings, Connection
+from agent.config import MAX_CONNECTIONS, PJSUA_MAX_ACC, AgentSettings, Connection
 from agent.reload import RESTART_ONLY, ReloadRefusedError, diff_connections, restart_only_changes
 from agent.sip.engine import ConnectionLimitError, EngineError, NotRegisteringError, UnknownConnectionError
 from agent.status import ConnectionStatus
@@ -66,8 +66,8 @@ class Engine(Protocol):
 def _limit_detail(running: int) -> str:
     return (
         f"this agent already runs {running} registering connections, the most one process can hold "
-        f"({MAX_CONNECTIONS}, pjsua2's PJSUA_MAX_ACC): delete or deactivate one (active: false), "
-        "or run another agent process"
+        f"({MAX_CONNECTIONS}: pjsua2 has {PJSUA_MAX_ACC} accounts per process and one is the agent's own): "
+        "delete or deactivate one (active: false), or run another agent process"
     )
 
 

@@ -17,12 +17,33 @@ from typing import Any
 import pjsua2 as pj
 
 from agent.config import MAX_CONNECTIONS
-from agent.core.sipmsg import int_header, redact
-from agent.sip.events import RegResult, RegStarted, SipEvent, StackLog, TransportDown
+from agent.core.sipmsg import header_values, int_header, redact
+from agent.sip.events import (
+    CallDtmf,
+    CallMedia,
+    CallState,
+    IncomingCall,
+    RegResult,
+    RegStarted,
+    SipEvent,
+    StackLog,
+    TransportDown,
+)
 from agent.sip.specs import AccountSpec, StackSettings
 
 __all__ = ["AdapterError", "PjsuaAdapter"]
 
+_CALL_STATES = {
+    pj.PJSIP_INV_STATE_NULL: "null",
+    pj.PJSIP_INV_STATE_CALLING: "calling",
+    pj.PJSIP_INV_STATE_INCOMING: "incoming",
+    pj.PJSIP_INV_STATE_EARLY: "early",
+    pj.PJSIP_INV_STATE_CONNECTING: "connecting",
+    pj.PJSIP_INV_STATE_CONFIRMED: "confirmed",
+    pj.PJSIP_INV_STATE_DISCONNECTED: "disconnected",
+}
+_DTMF_METHODS = {"rfc2833": pj.PJSUA_DTMF_METHOD_RFC2833, "info": pj.PJSUA_DTMF_METHOD_SIP_INFO}
+FORWARD_ACCOUNT = "__forward__"
 _TRANSPORTS = {"UDP": pj.PJSIP_TRANSPORT_UDP, "TCP": pj.PJSIP_TRANSPORT_TCP, "TLS": pj.PJSIP_TRANSPORT_TLS}
 
 
@@ -67,12 +88,71 @@ class _Endpoint(pj.Endpoint):  # type: ignore[misc]
             self._sink(StackLog(level=1, message=f"onTransportState failed: {e!r}"))
 
 
+class _Call(pj.Call):  # type: ignore[misc]
+    """One call leg; ``leg`` is the agent's own id (pjsua reuses call ids)."""
+
+    def __init__(self, acc: pj.Account, leg: int, sink: Callable[[SipEvent], None], call_id: int | None = None) -> None:
+        if call_id is None:
+            super().__init__(acc)
+        else:
+            super().__init__(acc, call_id)
+        self.leg = leg
+        self._sink = sink
+
+    def onCallState(self, prm: Any) -> None:  # noqa: N802
+        try:
+            ci = self.getInfo()
+            self._sink(
+                CallState(
+                    leg=self.leg,
+                    state=_CALL_STATES.get(ci.state, str(ci.state)),
+                    code=int(ci.lastStatusCode),
+                    reason=str(ci.lastReason),
+                    call_id=str(ci.callIdString),
+                )
+            )
+        except Exception as e:
+            self._sink(StackLog(level=1, message=f"onCallState failed: {e!r}"))
+
+    def onCallMediaState(self, prm: Any) -> None:  # noqa: N802
+        try:
+            ci = self.getInfo()
+            active = any(
+                m.type == pj.PJMEDIA_TYPE_AUDIO
+                and m.status in (pj.PJSUA_CALL_MEDIA_ACTIVE, pj.PJSUA_CALL_MEDIA_REMOTE_HOLD)
+                for m in ci.media
+            )
+            self._sink(CallMedia(leg=self.leg, active=active))
+        except Exception as e:
+            self._sink(StackLog(level=1, message=f"onCallMediaState failed: {e!r}"))
+
+    def onDtmfDigit(self, prm: Any) -> None:  # noqa: N802
+        try:
+            method = "info" if prm.method == pj.PJSUA_DTMF_METHOD_SIP_INFO else "rfc2833"
+            self._sink(CallDtmf(leg=self.leg, digit=str(prm.digit), method=method, duration_ms=int(prm.duration)))
+        except Exception as e:
+            self._sink(StackLog(level=1, message=f"onDtmfDigit failed: {e!r}"))
+
+
 class _Account(pj.Account):  # type: ignore[misc]
-    def __init__(self, key: str, sink: Callable[[SipEvent], None]) -> None:
+    def __init__(
+        self,
+        key: str,
+        sink: Callable[[SipEvent], None],
+        on_incoming: Callable[[_Account, Any], None] | None = None,
+    ) -> None:
         super().__init__()
         self.key = key
         self._sink = sink
         self.removed = False  # set before shutdown(): a removed account's late reports are dropped
+        self._on_incoming = on_incoming
+
+    def onIncomingCall(self, prm: Any) -> None:  # noqa: N802
+        try:
+            if self._on_incoming is not None:
+                self._on_incoming(self, prm)
+        except Exception as e:
+            self._sink(StackLog(level=1, message=f"onIncomingCall failed: {e!r}"))
 
     def onRegStarted(self, prm: Any) -> None:  # noqa: N802
         if self.removed:
@@ -114,6 +194,11 @@ class PjsuaAdapter:
         self._writer: _LogWriter | None = None
         self._transport_ids: dict[str, int] = {}
         self._accounts: dict[str, _Account] = {}
+        self._forward: _Account | None = None
+        self._calls: dict[int, _Call] = {}
+        self._call_slots = 4
+        self._next_leg = 1
+        self._media: tuple[str, int, int] = ("127.0.0.1", 40000, 1000)
 
     def start(self, s: StackSettings) -> None:
         ep = _Endpoint(self._sink)
@@ -134,7 +219,8 @@ class PjsuaAdapter:
         cfg.uaConfig.threadCnt = 0
         cfg.uaConfig.mainThreadOnly = True
         cfg.uaConfig.userAgent = s.user_agent
-        cfg.uaConfig.maxCalls = 4
+        cfg.uaConfig.maxCalls = s.call_slots
+        self._call_slots = s.call_slots
         self._writer = _LogWriter(self._sink)
         cfg.logConfig.writer = self._writer
         level = 5 if s.trace else s.log_level
@@ -145,6 +231,10 @@ class PjsuaAdapter:
         cfg.logConfig.msgLogging = 1 if s.trace else 0
         cfg.logConfig.decor = 0
         cfg.medConfig.noVad = True
+        cfg.medConfig.threadCnt = 0  # RTP is polled by handle_events too: no pjsua worker threads
+        cfg.medConfig.clockRate = 8000  # G.711 bridging without resampling
+        cfg.medConfig.sndClockRate = 8000
+        self._media = (s.rtp_address, s.rtp_port, s.rtp_port_range)
         try:
             ep.libInit(cfg)
             ep.audDevManager().setNullDev()
@@ -163,8 +253,34 @@ class PjsuaAdapter:
                     tc.tlsConfig.CaListFile = str(s.tls_ca_file)
                 self._transport_ids["TLS"] = ep.transportCreate(_TRANSPORTS["TLS"], tc)
             ep.libStart()
+            self._forward = self._create_forward_account(s)
         except Exception as e:
             raise AdapterError(f"SIP stack failed to start on {s.bind}:{s.port}: {_err(e)}") from None
+
+    def _media_config(self, ac: Any) -> None:
+        addr, port, port_range = self._media
+        tc = ac.mediaConfig.transportConfig
+        tc.boundAddress = addr
+        tc.publicAddress = addr
+        tc.port = port
+        tc.portRange = port_range
+
+    def _create_forward_account(self, s: StackSettings) -> _Account:
+        """The agent's own account for leg B of bridged calls: no registration,
+        no credentials (a destination's challenge is never answered with a PBX
+        password) and no outbound proxy (leg B never goes through the PBX)."""
+        ac = pj.AccountConfig()
+        host = s.bind if s.bind not in ("0.0.0.0", "::") else s.rtp_address
+        ac.idUri = f"sip:{s.user_agent.split('/')[0] or 'uac-agent'}@{host}:{s.port}"
+        ac.regConfig.registerOnAdd = False
+        ac.natConfig.sipOutboundUse = 0
+        ac.natConfig.contactRewriteUse = 0
+        ac.natConfig.viaRewriteUse = 0
+        ac.natConfig.sdpNatRewriteUse = 0
+        self._media_config(ac)
+        acc = _Account(FORWARD_ACCOUNT, self._sink, self._incoming)
+        acc.create(ac, True)
+        return acc
 
     @property
     def account_count(self) -> int:
@@ -199,7 +315,8 @@ class PjsuaAdapter:
         ac.natConfig.sdpNatRewriteUse = 0
         ac.natConfig.sipStunUse = pj.PJSUA_STUN_USE_DISABLED
         ac.natConfig.mediaStunUse = pj.PJSUA_STUN_USE_DISABLED
-        acc = _Account(spec.key, self._sink)
+        self._media_config(ac)
+        acc = _Account(spec.key, self._sink, self._incoming)
         try:
             acc.create(ac, False)
         except Exception as e:
@@ -227,6 +344,141 @@ class PjsuaAdapter:
             acc.removed = True  # its account may be re-created under the same key at once
             acc.shutdown()
 
+    # -- calls ------------------------------------------------------------
+
+    def _incoming(self, acc: _Account, prm: Any) -> None:
+        """In the callback: keep the leg (a strong reference) and report it."""
+        leg = self._new_leg()
+        call = _Call(acc, leg, self._sink, int(prm.callId))
+        self._calls[leg] = call
+        whole = str(prm.rdata.wholeMsg or "")
+        froms = header_values(whole, "From") or header_values(whole, "f")
+        call_ids = header_values(whole, "Call-ID") or header_values(whole, "i")
+        first = whole.split("\n", 1)[0].strip().split()
+        self._sink(
+            IncomingCall(
+                leg=leg,
+                request_uri=first[1] if len(first) >= 3 else "",
+                source=str(prm.rdata.srcAddress or ""),
+                call_id=call_ids[0] if call_ids else "",
+                from_value=froms[0] if froms else "",
+            )
+        )
+
+    def _new_leg(self) -> int:
+        leg = self._next_leg
+        self._next_leg += 1
+        return leg
+
+    @property
+    def call_count(self) -> int:
+        return len(self._calls)
+
+    def _call(self, leg: int) -> _Call:
+        call = self._calls.get(leg)
+        if call is None:
+            raise AdapterError(f"call leg {leg} is gone")
+        return call
+
+    def answer(self, leg: int, code: int, contact: str | None = None, retry_after: int | None = None) -> None:
+        """Send a provisional or final response to an incoming leg (302 with ``contact``)."""
+        prm = pj.CallOpParam(True)
+        prm.statusCode = code
+        for name, value in (("Contact", contact), ("Retry-After", retry_after)):
+            if value is not None:
+                h = pj.SipHeader()
+                h.hName = name
+                h.hValue = str(value)
+                prm.txOption.headers.append(h)
+        try:
+            if 300 <= code and contact is None:
+                self._call(leg).hangup(prm)
+            else:
+                self._call(leg).answer(prm)
+        except AdapterError:
+            raise
+        except Exception as e:
+            raise AdapterError(f"answer {code} on leg {leg}: {_err(e)}") from None
+
+    def hangup(self, leg: int, code: int = 0) -> None:
+        """End a leg: CANCEL, BYE or a final response, whichever its state needs."""
+        call = self._calls.get(leg)
+        if call is None:
+            return
+        prm = pj.CallOpParam(True)
+        if code:
+            prm.statusCode = code
+        try:
+            if call.isActive():
+                call.hangup(prm)
+        except Exception as e:
+            raise AdapterError(f"hangup leg {leg}: {_err(e)}") from None
+
+    def make_call(self, dest_uri: str, from_uri: str | None) -> tuple[int, str]:
+        """Leg B: INVITE ``dest_uri`` from the agent's own account. (leg, Call-ID)."""
+        if self._forward is None:
+            raise AdapterError("the SIP stack is not started")
+        if len(self._calls) >= self._call_slots:
+            # A Call whose makeCall fails cannot be deleted (pjsua2 asserts on
+            # its invalid id and aborts): never start one without a free slot.
+            raise AdapterError(f"all {self._call_slots} call slots are in use")
+        leg = self._new_leg()
+        call = _Call(self._forward, leg, self._sink)
+        prm = pj.CallOpParam(True)
+        prm.opt.audioCount = 1
+        prm.opt.videoCount = 0
+        if from_uri:
+            prm.txOption.localUri = from_uri
+        try:
+            call.makeCall(dest_uri, prm)
+        except Exception as e:
+            call.thisown = False  # leak the C++ object rather than abort in its destructor
+            raise AdapterError(f"INVITE to {dest_uri} not sent: {_err(e)}") from None
+        self._calls[leg] = call
+        try:
+            call_id = str(call.getInfo().callIdString)
+        except Exception:
+            call_id = ""
+        return leg, call_id
+
+    def bridge(self, a: int, b: int) -> bool:
+        """Connect the audio of two legs both ways; False while either has none."""
+        ca, cb = self._calls.get(a), self._calls.get(b)
+        if ca is None or cb is None or not ca.hasMedia() or not cb.hasMedia():
+            return False
+        try:
+            ma, mb = ca.getAudioMedia(-1), cb.getAudioMedia(-1)
+            ma.startTransmit(mb)
+            mb.startTransmit(ma)
+        except Exception as e:
+            raise AdapterError(f"bridge legs {a} and {b}: {_err(e)}") from None
+        return True
+
+    def send_dtmf(self, leg: int, digit: str, method: str, duration_ms: int = 0) -> None:
+        call = self._call(leg)
+        prm = pj.CallSendDtmfParam()
+        prm.method = _DTMF_METHODS[method]
+        prm.digits = digit
+        if duration_ms > 0:
+            prm.duration = duration_ms
+        try:
+            call.sendDtmf(prm)
+        except Exception as e:
+            raise AdapterError(f"DTMF {digit!r} on leg {leg}: {_err(e)}") from None
+
+    def release(self, leg: int) -> None:
+        """Drop a disconnected leg (outside callbacks, on the owning thread)."""
+        self._calls.pop(leg, None)
+
+    def call_stats(self, leg: int) -> tuple[int, int]:
+        """(RTP packets received, sent) on a leg's audio stream."""
+        call = self._call(leg)
+        try:
+            st = call.getStreamStat(0)
+            return int(st.rtcp.rxStat.pkt), int(st.rtcp.txStat.pkt)
+        except Exception:
+            return 0, 0
+
     def handle_events(self, msec: int) -> None:
         if self._ep is not None:
             self._ep.libHandleEvents(msec)
@@ -235,8 +487,19 @@ class PjsuaAdapter:
         return str(self._ep.utilStrError(status)) if self._ep is not None else str(status)
 
     def shutdown(self) -> None:
-        """Shut down every account, then the library (on the owning thread)."""
-        for acc in list(self._accounts.values()):
+        """Hang up calls, shut down every account, then the library (on the owning thread)."""
+        if self._ep is not None and self._calls:
+            try:
+                self._ep.hangupAllCalls()
+                for _ in range(20):
+                    self._ep.libHandleEvents(10)
+            except Exception:
+                pass
+        self._calls.clear()
+        gc.collect()
+        accounts = list(self._accounts.values()) + ([self._forward] if self._forward is not None else [])
+        self._forward = None
+        for acc in accounts:
             try:
                 acc.shutdown()
             except Exception:

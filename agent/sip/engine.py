@@ -20,11 +20,22 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config import MAX_CONNECTIONS, AgentSettings, Connection
+from agent.config import MAX_CONNECTIONS, PJSUA_MAX_CALLS, AgentSettings, Connection
 from agent.core.clock import Clock
 from agent.core.policy import Action, Outcome, RegisterResponse, RegistrationPolicy, RegState
 from agent.metrics import Metrics
-from agent.sip.events import RegResult, RegStarted, SipEvent, StackLog, TransportDown
+from agent.sip.calls import CallRouter
+from agent.sip.events import (
+    CallDtmf,
+    CallMedia,
+    CallState,
+    IncomingCall,
+    RegResult,
+    RegStarted,
+    SipEvent,
+    StackLog,
+    TransportDown,
+)
 from agent.sip.specs import StackSettings
 from agent.sip.uris import account_spec
 from agent.status import ConnectionStatus, build_status
@@ -120,6 +131,7 @@ class SipEngine:
         self._stop = threading.Event()
         self._stop_deadline: float | None = None
         self._heartbeat = 0.0
+        self._router: CallRouter | None = None
         self._adapter: Any = None  # set on the SIP thread; runtime changes use it there
         self._busy: dict[str, tuple[_Wait, Future[Any]]] = {}  # connection_id -> change in progress
         self._waiting: dict[str, list[tuple[Command, Future[Any]]]] = {}  # changes queued behind it
@@ -188,7 +200,20 @@ class SipEngine:
                     log_level=s.stack_log_level,
                     trace=s.trace,
                     want_tls=True,
+                    rtp_address=s.effective_rtp_address,
+                    rtp_port=s.rtp_port,
+                    rtp_port_range=s.rtp_port_range,
+                    call_slots=PJSUA_MAX_CALLS,
                 )
+            )
+            self._router = CallRouter(
+                adapter,
+                s,
+                self._connection,
+                self._registrar_ip,
+                self._metrics,
+                self._log,
+                self._clock,
             )
             for conn in self._settings.connections:
                 self._add(adapter, conn)
@@ -256,6 +281,8 @@ class SipEngine:
                     self._log.error("command_failed", error=repr(e))
             adapter.handle_events(self._poll_ms)
             changed = self._dispatch(adapter)
+            if self._router is not None:
+                self._router.poll()
             if self._stop.is_set() and not stopping:
                 stopping = True
                 self._log.info("stopping", connections=len(self._conns))
@@ -314,7 +341,32 @@ class SipEngine:
                     c.log.debug("register_started", renew=ev.renew)
             elif isinstance(ev, StackLog):
                 self._stack_log(ev)
+            elif self._router is not None:
+                self._call_event(ev)
         return True
+
+    def _call_event(self, ev: SipEvent) -> None:
+        router = self._router
+        assert router is not None
+        try:
+            if isinstance(ev, IncomingCall):
+                router.on_incoming(ev)
+            elif isinstance(ev, CallState):
+                router.on_state(ev)
+            elif isinstance(ev, CallMedia):
+                router.on_media(ev)
+            elif isinstance(ev, CallDtmf):
+                router.on_dtmf(ev)
+        except Exception as e:  # a bad call must never take the SIP thread down
+            self._log.error("call_event_failed", event=type(ev).__name__, error=repr(e))
+
+    def _connection(self, connection_id: str) -> Connection | None:
+        c = self._conns.get(connection_id)
+        return c.conn if c is not None else None
+
+    def _registrar_ip(self, connection_id: str) -> str | None:
+        c = self._conns.get(connection_id)
+        return c.policy.last_registered_ip if c is not None else None
 
     def _report(self, c: _Conn, outcome: Outcome, code: int) -> None:
         if outcome.ignored:
@@ -369,6 +421,11 @@ class SipEngine:
 
     def _stack_log(self, ev: StackLog) -> None:
         msg = ev.message
+        if "too many calls" in msg and "incoming" in msg:
+            # pjsua answered an INVITE 486 itself: every call slot was in use
+            self._metrics.inbound_rejected.labels(connection_id="", reason="over_limit").inc()
+            self._log.warning("call_rejected", reason="over_limit", code=486, detail="all SIP call slots in use")
+            return
         if self._settings.sip.trace and ("TX " in msg[:40] or "RX " in msg[:40]):
             self._log.info("sip_trace", message=msg)
         elif ev.level <= 1:
@@ -492,7 +549,7 @@ class SipEngine:
         if others + 1 > MAX_CONNECTIONS:
             raise ConnectionLimitError(
                 f"{others} registering connections are running; one agent process holds at most "
-                f"{MAX_CONNECTIONS} (pjsua2's PJSUA_MAX_ACC)"
+                f"{MAX_CONNECTIONS} (pjsua2's account limit)"
             )
 
     @staticmethod

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["RegResult", "RegStarted", "SipEvent", "StackLog", "TransportDown"]
+__all__ = [
+    "CallDtmf",
+    "CallMedia",
+    "CallState",
+    "IncomingCall",
+    "RegResult",
+    "RegStarted",
+    "SipEvent",
+    "StackLog",
+    "TransportDown",
+]
 
 
 @dataclass(frozen=True)
@@ -39,4 +49,38 @@ class StackLog:
     message: str
 
 
-SipEvent = RegStarted | RegResult | TransportDown | StackLog
+@dataclass(frozen=True)
+class IncomingCall:
+    """An INVITE reached the agent (pjsua made call leg ``leg`` for it)."""
+
+    leg: int
+    request_uri: str
+    source: str  # "ip:port" it came from
+    call_id: str
+    from_value: str  # the From header's value
+
+
+@dataclass(frozen=True)
+class CallState:
+    leg: int
+    state: str  # "calling", "incoming", "early", "connecting", "confirmed", "disconnected"
+    code: int  # last SIP status code on the leg (0 when none)
+    reason: str
+    call_id: str
+
+
+@dataclass(frozen=True)
+class CallMedia:
+    leg: int
+    active: bool  # audio is flowing (or can be connected)
+
+
+@dataclass(frozen=True)
+class CallDtmf:
+    leg: int
+    digit: str
+    method: str  # "rfc2833" or "info"
+    duration_ms: int
+
+
+SipEvent = RegStarted | RegResult | TransportDown | StackLog | IncomingCall | CallState | CallMedia | CallDtmf

@@ -19,6 +19,10 @@ class StackSettings:
     log_level: int
     trace: bool
     want_tls: bool
+    rtp_address: str = "127.0.0.1"
+    rtp_port: int = 40000
+    rtp_port_range: int = 1000
+    call_slots: int = 32
 
 
 @dataclass(frozen=True)

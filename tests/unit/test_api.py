@@ -384,7 +384,7 @@ def test_more_connections_than_the_agent_holds_is_a_clear_409(agent: Harness) ->
     code, out = agent.call("POST", BASE, {"connection_name": "one too many", "external_uac_settings": EXT})
     assert code == 409, out
     assert out["errors"][0]["code"] == "connection_limit_reached"
-    assert "8" in out["errors"][0]["detail"]
+    assert f"the most one process can hold ({MAX_CONNECTIONS}" in out["errors"][0]["detail"]
     assert len(agent.store.all()) == MAX_CONNECTIONS - 1  # nothing stored
     # An inactive one fits; activating it does not.
     idle = create(agent, external_uac_settings=EXT, active=False)
@@ -467,7 +467,8 @@ def test_api_connections_survive_a_restart(tmp_path: Path) -> None:
         assert back["created_at"] == a["created_at"]
         assert h.adapter.accounts[a["id"]].password == EXT["password"]
         changed = h.status(b["id"])
-        assert changed["active"] is False and changed["internal_uac_settings"] == DEST
+        assert changed["active"] is False
+        assert changed["internal_uac_settings"]["destination_uri"] == DEST["destination_uri"]
         assert h.call("GET", f"{BASE}/{gone['id']}")[0] == 404
         assert h.status("file-1")["managed_by"] == "file"
 

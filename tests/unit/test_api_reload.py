@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from agent.config import Connection, load_settings
+from agent.config import MAX_CONNECTIONS, Connection, load_settings
 from agent.reload import diff_connections, reload_from_file
 from tests.unit.apifakes import EXT, KEY, USER_KEYS, Harness, running_agent
 
@@ -109,7 +109,7 @@ def test_bad_file_on_reload_is_refused_and_the_agent_carries_on(tmp_path: Path) 
         write_config(path, [conn("a", "alice"), conn(api_id, "ivan")])
         assert reload_from_file(path, h.service, h.service._log) is False
         # More registering connections than one process holds: in the file alone, or with the API's.
-        write_config(path, [conn(f"c{i}", f"user{i}") for i in range(9)])
+        write_config(path, [conn(f"c{i}", f"user{i}") for i in range(MAX_CONNECTIONS + 1)])
         assert reload_from_file(path, h.service, h.service._log) is False
         made = [
             h.call("POST", BASE, {"connection_name": f"api {i}", "external_uac_settings": EXT})[1] for i in range(3)
@@ -117,7 +117,7 @@ def test_bad_file_on_reload_is_refused_and_the_agent_carries_on(tmp_path: Path) 
         for m in made:
             h.wait(lambda m=m: h.status(m["data"]["id"])["registered"], what="API connection registered")
         before = list(h.adapter.sent)
-        write_config(path, [conn(f"c{i}", f"user{i}") for i in range(6)])
+        write_config(path, [conn(f"c{i}", f"user{i}") for i in range(MAX_CONNECTIONS - 2)])
         assert reload_from_file(path, h.service, h.service._log) is False
 
         refused = [json.loads(line) for line in h.log.getvalue().splitlines() if '"reload_refused"' in line]
@@ -125,8 +125,8 @@ def test_bad_file_on_reload_is_refused_and_the_agent_carries_on(tmp_path: Path) 
         assert "transport" in refused[0]["problems"][0] and "SCTP" in refused[0]["problems"][0]
         assert "invalid JSON" in refused[1]["problems"][0]
         assert "created through the API" in refused[2]["problems"][0]
-        assert "at most 8" in refused[3]["problems"][0]
-        assert "plus 3 created through the API would pass the limit of 8" in refused[4]["problems"][0]
+        assert f"at most {MAX_CONNECTIONS}" in refused[3]["problems"][0]
+        assert f"plus 3 created through the API would pass the limit of {MAX_CONNECTIONS}" in refused[4]["problems"][0]
         assert all(r["level"] == "error" for r in refused)
         assert h.adapter.sent == before  # nothing touched
         assert h.status("a")["registered"] is True

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.config import ConfigError, load_settings
+from agent.config import MAX_FORWARDED_CALLS, AgentSettings, ConfigError, load_settings
 
 GOOD = {
     "sip": {"bind": "127.0.0.1", "port": 5070},
@@ -166,10 +166,12 @@ def test_missing_password_is_named_and_secret_never_echoed(tmp_path: Path) -> No
 def test_too_many_connections_is_a_config_error(tmp_path: Path) -> None:
     data = json.loads(json.dumps(GOOD))
     base = data["connections"][0]
-    data["connections"] = [dict(base, connection_id=f"c{i}") for i in range(9)]
+    data["connections"] = [dict(base, connection_id=f"c{i}") for i in range(7)]
+    assert len(load_settings(write(tmp_path, data)).connections) == 7
+    data["connections"] = [dict(base, connection_id=f"c{i}") for i in range(8)]
     with pytest.raises(ConfigError) as e:
         load_settings(write(tmp_path, data))
-    assert "at most 8" in str(e.value)
+    assert "at most 7" in str(e.value)
 
 
 def test_duplicate_connection_id(tmp_path: Path) -> None:
@@ -235,3 +237,38 @@ def test_misspelt_environment_variable_is_an_error(tmp_path: Path, monkeypatch: 
         load_settings(write(tmp_path, GOOD))
     assert e.value.problems == ["environment variable UAC_AGENT_HTTP__API_KYE: unknown setting"]
     assert "x" not in str(e.value).split(":")[-1]
+
+
+def _internal(tmp_path: Path, internal: dict[str, object]) -> AgentSettings | list[str]:
+    data = json.loads(json.dumps(GOOD))
+    data["connections"][0]["internal_uac_settings"].update(internal)
+    try:
+        return load_settings(write(tmp_path, data))
+    except ConfigError as e:
+        return e.problems
+
+
+def test_forwarding_settings(tmp_path: Path) -> None:
+    s = _internal(tmp_path, {"forward_mode": "Redirect", "allowed_sources": "192.0.2.0/24, 2001:db8::1"})
+    assert isinstance(s, AgentSettings)
+    internal = s.connections[0].internal_uac_settings
+    assert internal.forward_mode == "redirect"
+    assert [str(n) for n in internal.allowed_sources] == ["192.0.2.0/24", "2001:db8::1/128"]
+    assert internal.ring_timeout_sec == 60 and internal.max_calls is None
+    assert internal.destination_sip_uri is not None and internal.destination_sip_uri.startswith("sip:")
+    assert s.sip.max_calls == MAX_FORWARDED_CALLS == 2
+
+
+@pytest.mark.parametrize(
+    ("internal", "field"),
+    [
+        ({"forward_mode": "proxy"}, "forward_mode"),
+        ({"allowed_sources": ["10.0.0.0/33"]}, "allowed_sources"),
+        ({"ring_timeout_sec": 0}, "ring_timeout_sec"),
+        ({"max_calls": 3}, "max_calls"),
+        ({"destination_uri": "not a uri"}, "destination_uri"),
+    ],
+)
+def test_bad_forwarding_settings_name_the_field(tmp_path: Path, internal: dict[str, object], field: str) -> None:
+    problems = _internal(tmp_path, internal)
+    assert isinstance(problems, list) and any(field in p for p in problems), problems

@@ -1,0 +1,351 @@
+"""Forwarding the PBX's calls, on the SIP thread.
+
+The :class:`CallRouter` takes the call events the adapter reports (an INVITE in,
+a leg's state, its media, a DTMF digit), applies the rules of
+:mod:`agent.core.forwarding` and tells the adapter what to send. It never calls
+pjsua2 itself and runs only on the SIP thread (the engine calls it after each
+``handle_events``), so it needs no locks.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.config import Connection, SipSettings, parse_sip_uri
+from agent.core.clock import Clock
+from agent.core.forwarding import (
+    Action,
+    BridgeCall,
+    BridgeState,
+    CallResult,
+    IllegalCallEventError,
+    Kind,
+    caller_identity,
+    leg_b_from_uri,
+    line_of,
+    source_allowed,
+)
+from agent.metrics import Metrics
+from agent.sip.events import CallDtmf, CallMedia, CallState, IncomingCall
+
+__all__ = ["CallRouter", "HostResolver"]
+
+_RESOLVE_TTL = 300.0
+_RESOLVE_FAIL_TTL = 30.0
+
+
+class HostResolver:
+    """Addresses a PBX host name resolves to, cached (IP literals need no lookup)."""
+
+    def __init__(self, clock: Clock, lookup: Callable[[str], set[str]] | None = None) -> None:
+        self._clock = clock
+        self._lookup = lookup or _getaddrinfo
+        self._cache: dict[str, tuple[float, set[str]]] = {}
+
+    def addresses(self, host: str) -> set[str]:
+        host = host.strip("[]")
+        now = self._clock.monotonic()
+        hit = self._cache.get(host)
+        if hit is not None and now < hit[0]:
+            return hit[1]
+        try:
+            found = self._lookup(host)
+            ttl = _RESOLVE_TTL
+        except OSError:
+            found, ttl = set(), _RESOLVE_FAIL_TTL
+        self._cache[host] = (now + ttl, found)
+        return found
+
+
+def _getaddrinfo(host: str) -> set[str]:
+    return {str(ai[4][0]) for ai in socket.getaddrinfo(host, None, proto=socket.IPPROTO_UDP)}
+
+
+@dataclass
+class _Forward:
+    connection_id: str
+    leg_a: int
+    call_id_a: str
+    started: float
+    log: Any
+    mode: str
+    destination: str
+    bridge: BridgeCall | None = None
+    leg_b: int | None = None
+    call_id_b: str = ""
+    a_gone: bool = False
+    b_gone: bool = True
+    a_media: bool = False
+    b_media: bool = False
+    setup_observed: bool = False
+    finished: bool = False
+    result: CallResult | None = None
+    code: int | None = None
+    digits: list[str] = field(default_factory=list)
+
+
+class CallRouter:
+    def __init__(
+        self,
+        adapter: Any,
+        sip: SipSettings,
+        connection: Callable[[str], Connection | None],
+        registrar_ip: Callable[[str], str | None],
+        metrics: Metrics,
+        logger: Any,
+        clock: Clock,
+        resolver: HostResolver | None = None,
+    ) -> None:
+        self._adapter = adapter
+        self._sip = sip
+        self._connection = connection
+        self._registrar_ip = registrar_ip
+        self._metrics = metrics
+        self._log = logger
+        self._clock = clock
+        self._resolver = resolver or HostResolver(clock)
+        self._by_leg: dict[int, _Forward] = {}
+        self._active: dict[str, int] = {}
+
+    # -- counts -------------------------------------------------------------
+
+    @property
+    def active_calls(self) -> int:
+        return sum(self._active.values())
+
+    def active_for(self, connection_id: str) -> int:
+        return self._active.get(connection_id, 0)
+
+    # -- events -------------------------------------------------------------
+
+    def on_incoming(self, ev: IncomingCall) -> None:
+        now = self._clock.monotonic()
+        source_ip = ev.source.rsplit(":", 1)[0].strip("[]") if ev.source else ""
+        line = line_of(ev.request_uri)
+        conn = self._connection(line) if line else None
+        base = self._log.bind(call_id_a=ev.call_id, source=ev.source, request_uri=ev.request_uri)
+        if conn is None:
+            self._refuse(ev, "", base, 404, "unknown_contact", "no connection registered this Contact")
+            return
+        cid = conn.connection_id
+        log = base.bind(connection_id=cid)
+        internal = conn.internal_uac_settings
+        if not source_allowed(source_ip, self._pbx_addresses(conn), internal.allowed_sources):
+            self._refuse(ev, cid, log, 403, "source_not_allowed", f"{source_ip} is not this connection's PBX")
+            return
+        dest = internal.destination_sip_uri
+        if dest is None or not conn.active:
+            why = "connection is inactive" if not conn.active else "connection has no destination_uri"
+            self._refuse(ev, cid, log, 404, "no_destination", why)
+            return
+        limit = internal.max_calls or self._sip.max_calls
+        if self.active_calls >= self._sip.max_calls or self.active_for(cid) >= limit:
+            code = self._sip.over_limit_response
+            retry = self._sip.over_limit_retry_after_sec if code == 503 else None
+            why = (
+                f"{self.active_calls} calls active (agent limit {self._sip.max_calls}), "
+                f"{self.active_for(cid)} on this connection (limit {limit})"
+            )
+            self._refuse(ev, cid, log, code, "over_limit", why, retry_after=retry)
+            return
+        fwd = _Forward(
+            connection_id=cid,
+            leg_a=ev.leg,
+            call_id_a=ev.call_id,
+            started=now,
+            log=log,
+            mode=internal.forward_mode,
+            destination=dest,
+        )
+        display, user = caller_identity(ev.from_value)
+        started = {"mode": fwd.mode, "destination": dest, "caller": user or None, "display_name": display or None}
+        self._by_leg[ev.leg] = fwd
+        self._active[cid] = self._active.get(cid, 0) + 1
+        self._metrics.calls_active.labels(connection_id=cid).set(self._active[cid])
+        if fwd.mode == "redirect":
+            log.info("call_started", call_id_b=None, **started)
+            self._answer_a(fwd, 302, contact=f"<{dest}>")
+            fwd.result, fwd.code = CallResult.REDIRECTED, 302
+            return
+        fwd.bridge = BridgeCall(started_at=now, ring_timeout_sec=float(internal.ring_timeout_sec))
+        host = self._sip.bind if self._sip.bind not in ("0.0.0.0", "::") else self._sip.effective_rtp_address
+        from_uri = leg_b_from_uri(display, user, host, fallback_user="uac-agent")
+        try:
+            fwd.leg_b, fwd.call_id_b = self._adapter.make_call(dest, from_uri)
+        except Exception as e:
+            log.info("call_started", call_id_b=None, **started)
+            log.warning("leg_b_failed", error=str(e))
+            fwd.bridge.state = BridgeState.ENDED
+            fwd.result, fwd.code = CallResult.FAILED, 503
+            self._answer_a(fwd, 503)
+            return
+        fwd.b_gone = False
+        self._by_leg[fwd.leg_b] = fwd
+        log.info("call_started", call_id_b=fwd.call_id_b, from_uri=from_uri, **started)
+
+    def on_state(self, ev: CallState) -> None:
+        fwd = self._by_leg.get(ev.leg)
+        if fwd is None:
+            if ev.state == "disconnected":
+                self._adapter.release(ev.leg)  # a refused INVITE's leg
+            return
+        is_a = ev.leg == fwd.leg_a
+        if is_a and ev.call_id:
+            fwd.call_id_a = ev.call_id
+        if not is_a and ev.call_id:
+            fwd.call_id_b = ev.call_id
+        actions: list[Action] = []
+        bc = fwd.bridge
+        try:
+            if is_a and ev.state == "disconnected":
+                fwd.a_gone = True
+                if bc is not None:
+                    actions = bc.a_ended()
+            elif not is_a and bc is not None:
+                if ev.state == "early":
+                    actions = bc.b_progress(ev.code, early_media=ev.code == 183)
+                elif ev.state == "confirmed":
+                    actions = bc.b_answered(self._clock.monotonic())
+                elif ev.state == "disconnected":
+                    fwd.b_gone = True
+                    actions = bc.b_ended() if bc.state is BridgeState.ANSWERED else bc.b_failed(ev.code)
+        except IllegalCallEventError as e:
+            fwd.log.warning("call_event_unexpected", error=str(e), leg="a" if is_a else "b")
+        if ev.state == "disconnected":
+            self._adapter.release(ev.leg)
+            self._by_leg.pop(ev.leg, None)
+        self._apply(fwd, actions, cause=f"leg {'A' if is_a else 'B'} {ev.state} {ev.code} {ev.reason}".strip())
+        self._maybe_finish(fwd)
+
+    def on_media(self, ev: CallMedia) -> None:
+        fwd = self._by_leg.get(ev.leg)
+        if fwd is None or fwd.leg_b is None:
+            return
+        if ev.leg == fwd.leg_a:
+            fwd.a_media = ev.active
+        else:
+            fwd.b_media = ev.active
+        if fwd.a_media and fwd.b_media:
+            try:
+                if self._adapter.bridge(fwd.leg_a, fwd.leg_b):
+                    fwd.log.debug("audio_bridged")
+            except Exception as e:
+                fwd.log.warning("audio_bridge_failed", error=str(e))
+
+    def on_dtmf(self, ev: CallDtmf) -> None:
+        fwd = self._by_leg.get(ev.leg)
+        if fwd is None or fwd.leg_b is None:
+            return
+        other = fwd.leg_b if ev.leg == fwd.leg_a else fwd.leg_a
+        if other not in self._by_leg:
+            return
+        fwd.digits.append(ev.digit)
+        try:
+            self._adapter.send_dtmf(other, ev.digit, ev.method, ev.duration_ms)
+            fwd.log.debug(
+                "dtmf_relayed", digit=ev.digit, method=ev.method, direction="a_to_b" if other == fwd.leg_b else "b_to_a"
+            )
+        except Exception as e:
+            fwd.log.warning("dtmf_relay_failed", digit=ev.digit, method=ev.method, error=str(e))
+
+    def poll(self) -> None:
+        """Ring timeouts (called every loop of the SIP thread)."""
+        now = self._clock.monotonic()
+        for fwd in {id(f): f for f in self._by_leg.values()}.values():
+            bc = fwd.bridge
+            if bc is None or bc.ring_deadline is None or now < bc.ring_deadline:
+                continue
+            fwd.log.info("ring_timeout", ring_timeout_sec=bc.ring_timeout_sec)
+            self._apply(fwd, bc.poll(now), cause="ring timeout")
+            self._maybe_finish(fwd)
+
+    # -- helpers ------------------------------------------------------------
+
+    def _pbx_addresses(self, conn: Connection) -> set[str]:
+        out: set[str] = set()
+        ext = conn.external_uac_settings
+        if ext is not None:
+            for uri in (ext.proxy, ext.outbound_proxy):
+                if uri:
+                    host = parse_sip_uri(uri if ":" in uri.split("@")[0] else f"sip:{uri}")["host"]
+                    out |= self._resolver.addresses(host)
+        seen = self._registrar_ip(conn.connection_id)
+        if seen:
+            out.add(seen)
+        return out
+
+    def _refuse(
+        self,
+        ev: IncomingCall,
+        cid: str,
+        log: Any,
+        code: int,
+        reason: str,
+        detail: str,
+        retry_after: int | None = None,
+    ) -> None:
+        self._metrics.inbound_rejected.labels(connection_id=cid, reason=reason).inc()
+        if cid:
+            self._metrics.calls.labels(connection_id=cid, result=CallResult.REJECTED.value).inc()
+        log.warning("call_rejected", reason=reason, code=code, detail=detail)
+        try:
+            self._adapter.answer(ev.leg, code, retry_after=retry_after)
+        except Exception as e:
+            log.warning("call_reject_failed", error=str(e))
+            self._adapter.release(ev.leg)
+
+    def _answer_a(self, fwd: _Forward, code: int, contact: str | None = None) -> None:
+        try:
+            self._adapter.answer(fwd.leg_a, code, contact=contact)
+        except Exception as e:
+            fwd.log.warning("answer_failed", code=code, error=str(e))
+        if code >= 200 and not fwd.setup_observed:
+            fwd.setup_observed = True
+            setup = self._clock.monotonic() - fwd.started
+            self._metrics.call_setup.labels(connection_id=fwd.connection_id).observe(setup)
+            fwd.log.debug("call_setup", code=code, setup_ms=round(setup * 1000, 1))
+
+    def _apply(self, fwd: _Forward, actions: list[Action], cause: str) -> None:
+        for act in actions:
+            try:
+                if act.kind in (Kind.ANSWER_A, Kind.REJECT_A):
+                    if not fwd.a_gone:
+                        self._answer_a(fwd, act.code)
+                elif act.kind is Kind.HANGUP_A:
+                    if not fwd.a_gone:
+                        self._adapter.hangup(fwd.leg_a)
+                elif act.kind is Kind.HANGUP_B and fwd.leg_b is not None and not fwd.b_gone:
+                    self._adapter.hangup(fwd.leg_b)
+            except Exception as e:
+                fwd.log.warning("call_action_failed", action=act.kind.value, code=act.code, error=str(e), cause=cause)
+
+    def _maybe_finish(self, fwd: _Forward) -> None:
+        if fwd.finished:
+            return
+        bc = fwd.bridge
+        ended = bc is None or bc.state is BridgeState.ENDED
+        if not (ended and fwd.a_gone and fwd.b_gone):
+            return
+        fwd.finished = True
+        if bc is not None:
+            fwd.result = bc.result or fwd.result
+            fwd.code = bc.code if bc.code is not None else fwd.code
+        result = fwd.result or CallResult.FAILED
+        now = self._clock.monotonic()
+        cid = fwd.connection_id
+        self._active[cid] = max(0, self._active.get(cid, 0) - 1)
+        self._metrics.calls_active.labels(connection_id=cid).set(self._active[cid])
+        self._metrics.calls.labels(connection_id=cid, result=result.value).inc()
+        answered_at = bc.answered_at if bc is not None else None
+        fwd.log.info(
+            "call_ended",
+            call_id_b=fwd.call_id_b or None,
+            result=result.value,
+            code=fwd.code,
+            duration_sec=round(now - fwd.started, 3),
+            talk_sec=round(now - answered_at, 3) if answered_at is not None else None,
+            dtmf_relayed=len(fwd.digits),
+        )

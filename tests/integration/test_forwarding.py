@@ -1,0 +1,341 @@
+"""Forwarding the PBX's calls, with real peers on loopback.
+
+A SIPp "PBX" calls the agent's AoR through Kamailio (registrar, then
+``lookup("location")`` and a stateful, record-routing relay to the Contact the
+agent registered); the agent forwards to a SIPp destination UAS. RTP ends are
+UDP endpoints named in each SIPp's SDP (lab/rtp.py), which count what arrives.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.kamailio import Kamailio, free_port
+from lab.rtp import RtpEndpoint
+from lab.sipp import Sipp, scenario_path
+from tests.integration.agentproc import AgentProcess
+from tests.integration.conftest import connection, start_kamailio
+
+PBX_PATTERN = 0x2A
+DEST_PATTERN = 0x55
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def metric(agent: AgentProcess, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    total = 0.0
+    for line in agent.metrics().splitlines():
+        if not line.startswith(name + "{") and line.split(" ")[0] != name:
+            continue
+        head, _, value = line.rpartition(" ")
+        got = head[len(name) :].strip("{}")
+        if all(part in got.split(",") for part in want.split(",") if part):
+            total += float(value)
+    return total
+
+
+@dataclass
+class CallLab:
+    kamailio: Kamailio
+    agent: AgentProcess
+    dest_port: int
+    workdir: Path
+    user: str
+
+    def dest(self, scenario: str, calls: int = 1, **kw: Any) -> Sipp:
+        variables = {"callee": "assistant"}
+        if "rtp_port" in kw:
+            variables["rtp_port"] = kw.pop("rtp_port")
+        elif scenario.startswith("dest_answer"):
+            variables["rtp_port"] = str(free_port())
+        s = Sipp(
+            scenario_path(scenario),
+            self.dest_port,
+            variables=variables,
+            workdir=self.workdir / f"dest-{scenario}-{time.monotonic_ns()}",
+            calls=calls,
+            **kw,
+        )
+        s.start()
+        return s
+
+    def pbx(self, scenario: str, calls: int = 1, host: str = "127.0.0.1", via_kamailio: bool = True, **kw: Any) -> Sipp:
+        # straight to the agent, the Request-URI is the Contact it registered
+        params = "" if via_kamailio else ";line=c-fwd"
+        variables: dict[str, str | int] = {"caller": "1000", "sdp_user": "pbx", "ruri_params": params}
+        variables["rtp_port"] = kw.pop("rtp_port", None) or free_port()
+        variables.update(kw.pop("variables", {}))
+        remote = f"127.0.0.1:{self.kamailio.cfg.port if via_kamailio else self.agent.sip_port}"
+        s = Sipp(
+            scenario_path(scenario),
+            free_port(),
+            variables=variables,
+            workdir=self.workdir / f"pbx-{scenario}-{time.monotonic_ns()}",
+            calls=calls,
+            remote=remote,
+            service=self.user,
+            host=host,
+            **kw,
+        )
+        s.start()
+        return s
+
+
+USER = "frank"
+
+
+@pytest.fixture(scope="module")
+def pbx_proxy(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Path]) -> Iterator[Kamailio]:
+    """The PBX: a Kamailio registrar that routes INVITEs to registered Contacts."""
+    k = start_kamailio(tmp_path_factory.mktemp("pbx"), pki, users={USER: "frank-pw"})
+    yield k
+    k.stop()
+
+
+@pytest.fixture
+def call_lab(pbx_proxy: Kamailio, tmp_path: Path) -> Iterator[Callable[..., CallLab]]:
+    kamailio = pbx_proxy
+    agents: list[AgentProcess] = []
+    kamailio.rpc("ul.rm", "location", USER, check=False)  # no binding left by an earlier test
+
+    def make(
+        user: str = USER,
+        internal: dict[str, Any] | None = None,
+        sip: dict[str, Any] | None = None,
+        expiration_sec: int = 300,
+    ) -> CallLab:
+        dest_port = free_port()
+        conn = connection(
+            "c-fwd", f"sip:127.0.0.1:{kamailio.cfg.port}", "UDP", user, "frank-pw", expiration_sec=expiration_sec
+        )
+        conn["internal_uac_settings"] = {"destination_uri": f"1006@127.0.0.1:{dest_port}", **(internal or {})}
+        sip_section = {"rtp_port": random.randrange(20000, 30000, 2), "rtp_port_range": 200, **(sip or {})}
+        agent = AgentProcess(tmp_path / f"agent{len(agents)}", [conn], sip=sip_section, log={"level": "debug"})
+        agents.append(agent)
+        agent.start()
+        agent.wait_for(lambda: kamailio.lookup(user) is not None, 10, f"{user} bound in Kamailio")
+        return CallLab(kamailio, agent, dest_port, tmp_path, user)
+
+    yield make
+    for a in agents:
+        try:
+            a.terminate()  # unregisters: no stale binding for the next test
+        finally:
+            a.kill()
+
+
+def test_answered_calls_are_bridged_and_torn_down(call_lab: Callable[..., CallLab]) -> None:
+    lab = call_lab()
+    dest = lab.dest("dest_answer.xml", calls=20)
+    pbx = lab.pbx("pbx_call.xml", calls=20, timeout=60, extra_args=["-r", "5", "-l", "2", "-d", "300"])
+    assert pbx.wait(90) == 0, pbx.output()[-2000:]
+    wait_until(lambda: len(dest.received_requests("BYE")) == 20, 10, "20 BYEs at the destination")
+    dest.stop()
+    assert len(pbx.received_responses(200)) >= 40  # 200 INVITE + 200 BYE for each call
+    invites_in = dest.received_requests("INVITE")
+    assert len(invites_in) == 20
+    # caller identity carried over to leg B: From user and display name
+    assert all("<sip:1000@" in (m.header("From") or "") for m in invites_in)
+    assert all('"PBX caller' in (m.header("From") or "") for m in invites_in)
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 20, 10, "20 answered")
+    assert metric(lab.agent, "uac_agent_calls_active", connection_id="c-fwd") == 0
+    assert metric(lab.agent, "uac_agent_call_setup_seconds_count", connection_id="c-fwd") == 20
+    ended = [e for e in lab.agent.logs() if e.get("event") == "call_ended"]
+    assert len(ended) == 20
+    assert all(e["call_id_a"] and e["call_id_b"] and e["result"] == "answered" for e in ended)
+
+
+def test_destination_hangs_up_and_bye_reaches_the_pbx(call_lab: Callable[..., CallLab]) -> None:
+    lab = call_lab()
+    dest = lab.dest("dest_answer_bye.xml", calls=3, extra_args=["-d", "300"])
+    pbx = lab.pbx("pbx_call_wait_bye.xml", calls=3, timeout=30, extra_args=["-l", "1"])
+    assert pbx.wait(40) == 0, pbx.output()[-2000:]
+    assert dest.wait(10) == 0, dest.output()[-2000:]
+    assert len(dest.sent_requests("BYE")) == 3
+    assert len(pbx.received_requests("BYE")) == 3  # the agent ended leg A when leg B ended
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 3, 10, "3 answered")
+
+
+@pytest.mark.parametrize(("code", "result"), [(486, "busy"), (404, "failed"), (603, "declined")])
+def test_destination_failure_code_is_relayed(call_lab: Callable[..., CallLab], code: int, result: str) -> None:
+    lab = call_lab()
+    dest = lab.dest(f"dest_reject_{code}.xml")
+    pbx = lab.pbx("pbx_call.xml", timeout=20)
+    assert pbx.wait(30) == 0, pbx.output()[-2000:]
+    assert dest.wait(10) == 0, dest.output()[-2000:]
+    finals = [m.status_code for m in pbx.received_responses() if m.cseq_method == "INVITE"]
+    assert code in finals and 200 not in finals, finals
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result=result) == 1, 10, f"{result} counted")
+    ended = [e for e in lab.agent.logs() if e.get("event") == "call_ended"]
+    assert ended and ended[0]["code"] == code and ended[0]["result"] == result
+
+
+def test_pbx_cancel_while_ringing_cancels_leg_b(call_lab: Callable[..., CallLab]) -> None:
+    lab = call_lab()
+    dest = lab.dest("dest_ring.xml")
+    pbx = lab.pbx("pbx_call_cancel.xml", timeout=20)
+    assert pbx.wait(30) == 0, pbx.output()[-2000:]
+    assert dest.wait(10) == 0, dest.output()[-2000:]
+    assert len(dest.received_requests("CANCEL")) == 1
+    assert len(pbx.received_responses(487)) >= 1
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="cancelled") == 1, 10, "cancelled counted")
+
+
+def test_ring_timeout_cancels_leg_b_and_answers_480(call_lab: Callable[..., CallLab]) -> None:
+    lab = call_lab(internal={"ring_timeout_sec": 2})
+    dest = lab.dest("dest_ring.xml")
+    pbx = lab.pbx("pbx_call.xml", timeout=20)
+    assert pbx.wait(30) == 0, pbx.output()[-2000:]
+    assert dest.wait(10) == 0, dest.output()[-2000:]
+    assert len(dest.received_requests("CANCEL")) == 1
+    assert [m.status_code for m in pbx.received_responses(480)]
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="no_answer") == 1, 10, "no_answer counted")
+
+
+def test_rtp_is_bridged_both_ways_and_dtmf_is_relayed(call_lab: Callable[..., CallLab]) -> None:
+    lab = call_lab()
+    pbx_rtp = RtpEndpoint(free_port(), PBX_PATTERN).start()
+    dest_rtp = RtpEndpoint(free_port(), DEST_PATTERN).start()
+    try:
+        dest = lab.dest("dest_answer.xml", rtp_port=str(dest_rtp.port))
+        pbx = lab.pbx("pbx_call.xml", rtp_port=pbx_rtp.port, timeout=30, extra_args=["-d", "6000"])
+        wait_until(lambda: pbx_rtp.packets_in > 0 and dest_rtp.packets_in > 0, 10, "RTP at both ends")
+        offer = dest.received_requests("INVITE")[0].body
+        te = re.search(r"a=rtpmap:(\d+) telephone-event/8000", offer)
+        assert te is not None, offer
+        dest_rtp.event_pt = int(te.group(1))  # leg B uses the payload type the agent offered
+        pbx_rtp.send_digits("159#")
+        wait_until(lambda: dest_rtp.digits == list("159#"), 5, "RFC 2833 digits at the destination")
+        dest_rtp.send_digits("42")
+        wait_until(lambda: pbx_rtp.digits == list("42"), 5, "RFC 2833 digits back at the PBX")
+        assert pbx.wait(30) == 0, pbx.output()[-2000:]
+        dest.stop()
+    finally:
+        pbx_rtp.stop()
+        dest_rtp.stop()
+    # each end received the other end's audio (the byte pattern survives the bridge)
+    assert dest_rtp.count_of(PBX_PATTERN) > 100, dest_rtp.received
+    assert pbx_rtp.count_of(DEST_PATTERN) > 100, pbx_rtp.received
+
+
+def test_sip_info_dtmf_is_relayed(call_lab: Callable[..., CallLab]) -> None:
+    lab = call_lab()
+    dest = lab.dest("dest_answer.xml")
+    pbx = lab.pbx("pbx_call_info.xml", timeout=20, variables={"digit": "7"})
+    assert pbx.wait(30) == 0, pbx.output()[-2000:]
+    wait_until(lambda: len(dest.received_requests("BYE")) == 1, 10, "BYE at the destination")
+    dest.stop()
+    infos = dest.received_requests("INFO")
+    assert len(infos) == 1
+    assert "Signal=7" in infos[0].body.replace(" ", "")
+
+
+def test_source_not_allowed_gets_403_and_destination_sees_nothing(call_lab: Callable[..., CallLab]) -> None:
+    lab = call_lab()
+    dest = lab.dest("dest_answer.xml")
+    # straight to the agent's Contact from 127.0.0.2: not the PBX (Kamailio on 127.0.0.1)
+    intruder = lab.pbx("pbx_call.xml", host="127.0.0.2", via_kamailio=False, timeout=10)
+    assert intruder.wait(20) == 0, intruder.output()[-2000:]
+    dest.stop()
+    assert [m.status_code for m in intruder.received_responses(403)]
+    assert dest.received_requests("INVITE") == []
+    wait_until(
+        lambda: metric(lab.agent, "uac_agent_inbound_rejected_total", reason="source_not_allowed") == 1,
+        5,
+        "rejection counted",
+    )
+    rejected = [e for e in lab.agent.logs() if e.get("event") == "call_rejected"]
+    assert rejected[0]["reason"] == "source_not_allowed" and "127.0.0.2" in rejected[0]["source"]
+
+
+def test_allowed_sources_admits_another_address(call_lab: Callable[..., CallLab]) -> None:
+    lab = call_lab(internal={"allowed_sources": ["127.0.0.2/32"]})
+    dest = lab.dest("dest_answer.xml")
+    pbx = lab.pbx("pbx_call.xml", host="127.0.0.2", via_kamailio=False, timeout=20)
+    assert pbx.wait(30) == 0, pbx.output()[-2000:]
+    wait_until(lambda: len(dest.received_requests("BYE")) == 1, 10, "call completed")
+    dest.stop()
+
+
+def test_unknown_contact_gets_404(call_lab: Callable[..., CallLab]) -> None:
+    lab = call_lab()
+    s = Sipp(
+        scenario_path("pbx_call.xml"),
+        free_port(),
+        variables={"caller": "1000", "sdp_user": "pbx", "rtp_port": free_port(), "ruri_params": ";line=nope"},
+        workdir=lab.workdir / "unknown",
+        remote=f"127.0.0.1:{lab.agent.sip_port}",
+        service="nobody",
+        timeout=10,
+    )
+    s.start()
+    assert s.wait(20) == 0, s.output()[-2000:]
+    assert [m.status_code for m in s.received_responses(404)]
+    wait_until(
+        lambda: metric(lab.agent, "uac_agent_inbound_rejected_total", reason="unknown_contact") == 1, 5, "counted"
+    )
+
+
+def test_redirect_mode_answers_302_with_destination(call_lab: Callable[..., CallLab]) -> None:
+    lab = call_lab(internal={"forward_mode": "redirect"})
+    pbx = lab.pbx("pbx_call.xml", timeout=20)
+    assert pbx.wait(30) == 0, pbx.output()[-2000:]
+    redirects = pbx.received_responses(302)
+    assert redirects
+    assert f"sip:1006@127.0.0.1:{lab.dest_port}" in (redirects[0].header("Contact") or "")
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="redirected") == 1, 5, "counted")
+
+
+def test_options_to_the_contact_gets_200(call_lab: Callable[..., CallLab]) -> None:
+    lab = call_lab()
+    s = Sipp(
+        scenario_path("pbx_options.xml"),
+        free_port(),
+        workdir=lab.workdir / "options",
+        remote=f"127.0.0.1:{lab.agent.sip_port}",
+        service=USER,
+        timeout=10,
+    )
+    s.start()
+    assert s.wait(20) == 0, s.output()[-2000:]
+    assert len(s.received_responses(200)) == 1
+
+
+def test_calls_over_the_limit_get_486_and_registration_keeps_refreshing(call_lab: Callable[..., CallLab]) -> None:
+    lab = call_lab(internal={"max_calls": 1}, expiration_sec=10)
+    dest = lab.dest("dest_answer.xml", calls=100)
+    flood_start = time.time()
+    # a flood: 10 calls/s for 12 s, each held 3 s; only one at a time fits
+    pbx = lab.pbx("pbx_call.xml", calls=120, timeout=40, extra_args=["-r", "10", "-d", "3000", "-l", "40"])
+    assert pbx.wait(60) == 0, pbx.output()[-2000:]
+    dest.stop()
+    finals = [m.status_code for m in pbx.received_responses() if m.cseq_method == "INVITE" and m.status_code != 100]
+    answered = finals.count(200)
+    busy = len(pbx.received_responses(486))
+    assert answered >= 3 and busy >= 60, (answered, busy)
+    assert set(finals) <= {180, 200, 486}, set(finals)
+    rejected = metric(lab.agent, "uac_agent_inbound_rejected_total", reason="over_limit")
+    assert rejected >= 60
+    # registration: refreshed on time through the flood (granted 10 s, refresh at 5 s)
+    regs = [t for t, _, _ in lab.kamailio.registers(lab.user) if t >= flood_start]
+    assert len(regs) >= 3
+    gaps = [b - a for a, b in itertools.pairwise(regs)]
+    assert max(gaps) < 8.0, gaps
+    assert lab.agent.status("c-fwd")["registered"] is True
