@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import re
 import signal
 import time
@@ -17,14 +18,15 @@ from typing import Any
 
 import pytest
 
-from lab.kamailio import Kamailio
+from lab.kamailio import Kamailio, free_port
+from lab.sipp import Sipp, scenario_path
 from tests.integration.agentproc import API_KEY, AgentProcess
 from tests.integration.conftest import start_kamailio
 
 USERS = {"erin": "erin-pw", "frank": "frank-pw", "grace": "grace-pw", "heidi": "heidi-pw", "ivan": "ivan-pw"}
 BASE = "/v2/uac_connections"
 DEST = {"destination_uri": "1006@assistant-abc123.sip.telnyx.com"}
-_LINE = re.compile(r"to=sip:(?P<user>[^@]+)@\S+ ci=(?P<ci>\S+) cseq=(?P<cseq>\d+) expires=(?P<expires>\S*)")
+_LINE = re.compile(r"to=sip:(?P<user>[^@]+)@\S+ ci=(?P<ci>\S+) cseq=(?P<cseq>\d+) (?:expires|exp)=(?P<expires>\S*)")
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +117,7 @@ def test_create_patch_delete_against_kamailio(kam: Kamailio, agent_factory: Call
     assert get(agent, erin)["registration_status"] == 4
     frank_call_id = binding_call_id(kam, "frank")
     frank_registers = len(registers(kam, "frank"))
+    assert frank_registers >= 2 and len(registers(kam, "erin")) >= 2  # the REGISTER log is read (challenge + auth)
 
     # A wrong password: the status shows 401, and REGISTERs come no faster than forbidden_retry_interval.
     code, out = call(agent, "PATCH", f"{BASE}/{erin}", {"external_uac_settings": {"password": "not-erins"}})
@@ -217,6 +220,7 @@ def test_sighup_reregisters_only_the_connection_edited_in_the_file(
     agent.wait_for(lambda: agent.http_get("/readyz")[0] == 200, 10, "both registered")
     heidi_ci, ivan_ci = binding_call_id(kam, "heidi"), binding_call_id(kam, "ivan")
     heidi_n = len(registers(kam, "heidi"))
+    assert heidi_n >= 2 and registers(kam, "ivan")
     assert call(agent, "PATCH", f"{BASE}/f-heidi", {"connection_name": "x"})[0] == 409  # the file's
 
     config = json.loads(agent.config_path.read_text())
@@ -245,3 +249,79 @@ def test_sighup_reregisters_only_the_connection_edited_in_the_file(
     assert agent.http_get("/readyz")[0] == 200
     assert len(registers(kam, "heidi")) == heidi_n
     assert agent.terminate() == 0
+
+
+def test_a_call_in_progress_carries_on_while_connections_change(
+    tmp_path: Path, pki: dict[str, Path], agent_factory: Callable[..., AgentProcess]
+) -> None:
+    """A bridged call on one connection lasts through a PATCH of its destination (new calls
+    only) and through creating, re-registering and deleting another connection."""
+    k = start_kamailio(tmp_path / "pbx", pki, users={"judy": "judy-pw", "ken": "ken-pw"})
+    dest_port = free_port()
+    try:
+        agent = agent_factory([], sip={"rtp_port": random.randrange(30000, 40000, 2), "rtp_port_range": 200})
+        code, out = call(
+            agent,
+            "POST",
+            BASE,
+            {
+                "connection_name": "Judy",
+                "external_uac_settings": ext(k, "judy", password="judy-pw", expiration_sec=300),
+                "internal_uac_settings": {"destination_uri": f"1006@127.0.0.1:{dest_port}"},
+            },
+        )
+        assert code == 201, out
+        judy = out["data"]["id"]
+        agent.wait_for(lambda: k.lookup("judy") is not None, 5, "judy bound")
+        dest = Sipp(
+            scenario_path("dest_answer.xml"),
+            dest_port,
+            variables={"callee": "assistant", "rtp_port": str(free_port())},
+            workdir=tmp_path / "dest",
+        )
+        dest.start()
+        pbx = Sipp(
+            scenario_path("pbx_call.xml"),
+            free_port(),
+            variables={"caller": "1000", "sdp_user": "pbx", "ruri_params": "", "rtp_port": free_port()},
+            workdir=tmp_path / "pbx-call",
+            remote=f"127.0.0.1:{k.cfg.port}",
+            service="judy",
+            timeout=30,
+            extra_args=["-d", "5000"],  # hold the call 5 s, then BYE
+        )
+        pbx.start()
+        try:
+            agent.wait_for(lambda: any(e.get("event") == "call_started" for e in agent.logs()), 10, "call up")
+            judy_ci = binding_call_id(k, "judy")
+            judy_n = len(registers(k, "judy"))
+            # Where new calls go: swapped in place, the call in progress stays on its destination.
+            code, _ = call(
+                agent, "PATCH", f"{BASE}/{judy}", {"internal_uac_settings": {"destination_uri": "2000@x.test"}}
+            )
+            assert code == 200
+            # Another connection comes, re-registers and goes.
+            code, out = call(
+                agent,
+                "POST",
+                BASE,
+                {"connection_name": "Ken", "external_uac_settings": ext(k, "ken", password="ken-pw")},
+            )
+            assert code == 201, out
+            ken = out["data"]["id"]
+            agent.wait_for(lambda: k.lookup("ken") is not None, 5, "ken bound")
+            assert call(agent, "PATCH", f"{BASE}/{ken}", {"external_uac_settings": {"expiration_sec": 120}})[0] == 200
+            agent.wait_for(lambda: get(agent, ken)["registered"], 5, "ken registered again")
+            assert call(agent, "DELETE", f"{BASE}/{ken}")[0] == 200
+            assert pbx.wait(30) == 0, pbx.output()[-2000:]  # the call ended by its own BYE, answered
+        finally:
+            pbx.stop()
+            dest.stop()
+        assert len(dest.received_requests("INVITE")) == 1
+        assert len(dest.received_requests("BYE")) == 1  # leg B was torn down by the PBX's BYE, not before
+        ended = [e for e in agent.logs() if e.get("event") == "call_ended"]
+        assert len(ended) == 1 and ended[0]["result"] == "answered", ended
+        assert len(registers(k, "judy")) == judy_n and binding_call_id(k, "judy") == judy_ci
+        assert agent.terminate() == 0
+    finally:
+        k.stop()
