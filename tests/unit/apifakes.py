@@ -173,6 +173,7 @@ class Harness:
 def running_agent(settings: AgentSettings) -> Iterator[Harness]:
     """The agent's pieces as cli.run wires them, with the fake SIP stack."""
     stream = io.StringIO()
+    previous = structlog.get_config()
     log = configure_logging("json", "debug", stream)
     store = ConnectionStore(resolve_store_path(settings.store.path, settings.config_path, {}))
     service = ConnectionService(settings, store, log)
@@ -203,7 +204,7 @@ def running_agent(settings: AgentSettings) -> Iterator[Harness]:
     finally:
         engine.stop(2.0)
         store.close()
-        structlog.reset_defaults()
+        structlog.configure(**previous)
 
 
 EXT = {
