@@ -91,21 +91,30 @@ class _Endpoint(pj.Endpoint):  # type: ignore[misc]
 class _Call(pj.Call):  # type: ignore[misc]
     """One call leg; ``leg`` is the agent's own id (pjsua reuses call ids)."""
 
-    def __init__(self, acc: pj.Account, leg: int, sink: Callable[[SipEvent], None], call_id: int | None = None) -> None:
+    def __init__(
+        self,
+        acc: pj.Account,
+        leg: int,
+        sink: Callable[[SipEvent], None],
+        on_gone: Callable[[int], None],
+        call_id: int | None = None,
+    ) -> None:
         if call_id is None:
             super().__init__(acc)
         else:
             super().__init__(acc, call_id)
         self.leg = leg
         self._sink = sink
+        self._on_gone = on_gone
 
     def onCallState(self, prm: Any) -> None:  # noqa: N802
         try:
             ci = self.getInfo()
+            state = _CALL_STATES.get(ci.state, str(ci.state))
             self._sink(
                 CallState(
                     leg=self.leg,
-                    state=_CALL_STATES.get(ci.state, str(ci.state)),
+                    state=state,
                     code=int(ci.lastStatusCode),
                     reason=str(ci.lastReason),
                     call_id=str(ci.callIdString),
@@ -113,6 +122,14 @@ class _Call(pj.Call):  # type: ignore[misc]
             )
         except Exception as e:
             self._sink(StackLog(level=1, message=f"onCallState failed: {e!r}"))
+            return
+        if state == "disconnected":
+            # Drop the last reference now, inside the callback: pjsua2 deletes the
+            # Call when this returns, while its pjsua slot is still this call's.
+            # Deleted any later, ~Call would act on the slot id, which pjsua may
+            # already have given to a new INVITE: it clears that call's user data
+            # and hangs it up with 603 (pjsua2's destructor does both).
+            self._on_gone(self.leg)
 
     def onCallMediaState(self, prm: Any) -> None:  # noqa: N802
         try:
@@ -349,7 +366,7 @@ class PjsuaAdapter:
     def _incoming(self, acc: _Account, prm: Any) -> None:
         """In the callback: keep the leg (a strong reference) and report it."""
         leg = self._new_leg()
-        call = _Call(acc, leg, self._sink, int(prm.callId))
+        call = _Call(acc, leg, self._sink, self._gone, int(prm.callId))
         self._calls[leg] = call
         whole = str(prm.rdata.wholeMsg or "")
         froms = header_values(whole, "From") or header_values(whole, "f")
@@ -423,7 +440,7 @@ class PjsuaAdapter:
             # its invalid id and aborts): never start one without a free slot.
             raise AdapterError(f"all {self._call_slots} call slots are in use")
         leg = self._new_leg()
-        call = _Call(self._forward, leg, self._sink)
+        call = _Call(self._forward, leg, self._sink, self._gone)
         prm = pj.CallOpParam(True)
         prm.opt.audioCount = 1
         prm.opt.videoCount = 0
@@ -466,8 +483,12 @@ class PjsuaAdapter:
         except Exception as e:
             raise AdapterError(f"DTMF {digit!r} on leg {leg}: {_err(e)}") from None
 
+    def _gone(self, leg: int) -> None:
+        """A leg reached DISCONNECTED (called inside its onCallState): forget it."""
+        self._calls.pop(leg, None)
+
     def release(self, leg: int) -> None:
-        """Drop a disconnected leg (outside callbacks, on the owning thread)."""
+        """Drop a leg that never reached DISCONNECTED (idempotent; on the owning thread)."""
         self._calls.pop(leg, None)
 
     def call_stats(self, leg: int) -> tuple[int, int]:
