@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -48,7 +49,14 @@ _TRANSPORTS = {"UDP": pj.PJSIP_TRANSPORT_UDP, "TCP": pj.PJSIP_TRANSPORT_TCP, "TL
 
 
 class AdapterError(RuntimeError):
-    """pjsua2 refused an operation; the message says which and why."""
+    """pjsua2 refused an operation; the message says which and why.
+
+    ``too_many``: refused for want of a free call slot (PJ_ETOOMANY).
+    """
+
+    def __init__(self, message: str, too_many: bool = False) -> None:
+        super().__init__(message)
+        self.too_many = too_many
 
 
 def _err(e: Exception) -> str:
@@ -61,14 +69,25 @@ def _err(e: Exception) -> str:
     return str(e)
 
 
+# pjsua walks the RTP port range and logs each port in use as an error before
+# taking the next one; only running out of ports is an error (logged apart).
+_PORT_IN_USE = re.compile(r"RTC?P socket bind\(\) .*Address already in use")
+
+
 class _LogWriter(pj.LogWriter):  # type: ignore[misc]
     def __init__(self, sink: Callable[[SipEvent], None]) -> None:
         super().__init__()
         self._sink = sink
+        self.probing = False  # the reaper's getInfo on a freed slot fails by design
 
     def write(self, entry: Any) -> None:
         try:
-            self._sink(StackLog(level=int(entry.level), message=redact(str(entry.msg)).rstrip()))
+            level, msg = int(entry.level), redact(str(entry.msg)).rstrip()
+            if level <= 1 and _PORT_IN_USE.search(msg):
+                level = 4
+            elif self.probing and "pjsua_call_get_info" in msg:
+                return
+            self._sink(StackLog(level=level, message=msg))
         except Exception:
             pass
 
@@ -96,7 +115,7 @@ class _Call(pj.Call):  # type: ignore[misc]
         acc: pj.Account,
         leg: int,
         sink: Callable[[SipEvent], None],
-        on_gone: Callable[[int], None],
+        on_gone: Callable[[int, bool], None],
         call_id: int | None = None,
     ) -> None:
         if call_id is None:
@@ -106,30 +125,31 @@ class _Call(pj.Call):  # type: ignore[misc]
         self.leg = leg
         self._sink = sink
         self._on_gone = on_gone
+        self.sip_call_id = ""
+        # Set while the adapter ends this leg itself (BYE, CANCEL, a final
+        # response): pjsua then reports DISCONNECTED at once but keeps the call
+        # slot until that transaction completes, and says nothing when it does.
+        self.ending = False
 
     def onCallState(self, prm: Any) -> None:  # noqa: N802
         try:
             ci = self.getInfo()
             state = _CALL_STATES.get(ci.state, str(ci.state))
+            self.sip_call_id = str(ci.callIdString) or self.sip_call_id
             self._sink(
                 CallState(
                     leg=self.leg,
                     state=state,
                     code=int(ci.lastStatusCode),
                     reason=str(ci.lastReason),
-                    call_id=str(ci.callIdString),
+                    call_id=self.sip_call_id,
                 )
             )
         except Exception as e:
             self._sink(StackLog(level=1, message=f"onCallState failed: {e!r}"))
             return
         if state == "disconnected":
-            # Drop the last reference now, inside the callback: pjsua2 deletes the
-            # Call when this returns, while its pjsua slot is still this call's.
-            # Deleted any later, ~Call would act on the slot id, which pjsua may
-            # already have given to a new INVITE: it clears that call's user data
-            # and hangs it up with 603 (pjsua2's destructor does both).
-            self._on_gone(self.leg)
+            self._on_gone(self.leg, self.ending)
 
     def onCallMediaState(self, prm: Any) -> None:  # noqa: N802
         try:
@@ -213,6 +233,9 @@ class PjsuaAdapter:
         self._accounts: dict[str, _Account] = {}
         self._forward: _Account | None = None
         self._calls: dict[int, _Call] = {}
+        # Legs reported DISCONNECTED whose pjsua slot is still held (see _Call.ending).
+        self._closing: dict[int, _Call] = {}
+        self.leaked_calls = 0
         self._call_slots = 4
         self._next_leg = 1
         self._media: tuple[str, int, int] = ("127.0.0.1", 40000, 1000)
@@ -365,12 +388,15 @@ class PjsuaAdapter:
 
     def _incoming(self, acc: _Account, prm: Any) -> None:
         """In the callback: keep the leg (a strong reference) and report it."""
+        slot = int(prm.callId)
+        self._forget_slot(slot)
         leg = self._new_leg()
-        call = _Call(acc, leg, self._sink, self._gone, int(prm.callId))
+        call = _Call(acc, leg, self._sink, self._gone, slot)
         self._calls[leg] = call
         whole = str(prm.rdata.wholeMsg or "")
         froms = header_values(whole, "From") or header_values(whole, "f")
         call_ids = header_values(whole, "Call-ID") or header_values(whole, "i")
+        call.sip_call_id = call_ids[0] if call_ids else ""
         first = whole.split("\n", 1)[0].strip().split()
         self._sink(
             IncomingCall(
@@ -391,6 +417,11 @@ class PjsuaAdapter:
     def call_count(self) -> int:
         return len(self._calls)
 
+    @property
+    def free_call_slots(self) -> int:
+        """pjsua call slots neither in use nor still closing."""
+        return max(0, self._call_slots - len(self._calls) - len(self._closing))
+
     def _call(self, leg: int) -> _Call:
         call = self._calls.get(leg)
         if call is None:
@@ -407,11 +438,18 @@ class PjsuaAdapter:
                 h.hName = name
                 h.hValue = str(value)
                 prm.txOption.headers.append(h)
+        call = self._call(leg)
         try:
             if 300 <= code and contact is None:
-                self._call(leg).hangup(prm)
+                self._end(call, prm)
+            elif code >= 300:
+                call.ending = True  # a 3xx final response also ends the leg
+                try:
+                    call.answer(prm)
+                finally:
+                    call.ending = False
             else:
-                self._call(leg).answer(prm)
+                call.answer(prm)
         except AdapterError:
             raise
         except Exception as e:
@@ -427,18 +465,26 @@ class PjsuaAdapter:
             prm.statusCode = code
         try:
             if call.isActive():
-                call.hangup(prm)
+                self._end(call, prm)
         except Exception as e:
             raise AdapterError(f"hangup leg {leg}: {_err(e)}") from None
+
+    @staticmethod
+    def _end(call: _Call, prm: Any) -> None:
+        call.ending = True
+        try:
+            call.hangup(prm)
+        finally:
+            call.ending = False
 
     def make_call(self, dest_uri: str, from_uri: str | None) -> tuple[int, str]:
         """Leg B: INVITE ``dest_uri`` from the agent's own account. (leg, Call-ID)."""
         if self._forward is None:
             raise AdapterError("the SIP stack is not started")
-        if len(self._calls) >= self._call_slots:
+        if self.free_call_slots < 1:
             # A Call whose makeCall fails cannot be deleted (pjsua2 asserts on
             # its invalid id and aborts): never start one without a free slot.
-            raise AdapterError(f"all {self._call_slots} call slots are in use")
+            raise AdapterError(f"all {self._call_slots} call slots are in use", too_many=True)
         leg = self._new_leg()
         call = _Call(self._forward, leg, self._sink, self._gone)
         prm = pj.CallOpParam(True)
@@ -450,10 +496,13 @@ class PjsuaAdapter:
             call.makeCall(dest_uri, prm)
         except Exception as e:
             call.thisown = False  # leak the C++ object rather than abort in its destructor
-            raise AdapterError(f"INVITE to {dest_uri} not sent: {_err(e)}") from None
+            self.leaked_calls += 1
+            text = _err(e)
+            raise AdapterError(f"INVITE to {dest_uri} not sent: {text}", too_many="PJ_ETOOMANY" in text) from None
+        self._forget_slot(int(call.getId()))
         self._calls[leg] = call
         try:
-            call_id = str(call.getInfo().callIdString)
+            call.sip_call_id = call_id = str(call.getInfo().callIdString)
         except Exception:
             call_id = ""
         return leg, call_id
@@ -483,13 +532,51 @@ class PjsuaAdapter:
         except Exception as e:
             raise AdapterError(f"DTMF {digit!r} on leg {leg}: {_err(e)}") from None
 
-    def _gone(self, leg: int) -> None:
-        """A leg reached DISCONNECTED (called inside its onCallState): forget it."""
-        self._calls.pop(leg, None)
+    def _gone(self, leg: int, held: bool) -> None:
+        """Inside a leg's DISCONNECTED callback: drop it, or park it while pjsua holds its slot.
+
+        Dropped here, pjsua2 deletes the Call as the callback returns, while the
+        slot is still this call's. Any later and ~Call would act on a slot id
+        that pjsua may have given to a new INVITE: it clears that call's user
+        data and hangs it up with 603.
+        """
+        call = self._calls.pop(leg, None)
+        if held and call is not None:
+            self._closing[leg] = call
+
+    def _forget_slot(self, slot: int) -> None:
+        """pjsua gave ``slot`` to a new call: a parked leg on it must never be deleted."""
+        for leg, call in list(self._closing.items()):
+            if call.getId() == slot:
+                del self._closing[leg]
+                call.thisown = False  # its destructor would hang up the new call
+                self.leaked_calls += 1
+                self._sink(StackLog(level=4, message=f"call slot {slot} reused before leg {leg} was freed: leg kept"))
+
+    def _reap(self) -> None:
+        """Delete parked legs whose slot pjsua has freed (outside callbacks)."""
+        for leg, call in list(self._closing.items()):
+            if self._writer is not None:
+                self._writer.probing = True
+            try:
+                current = str(call.getInfo().callIdString)
+            except Exception:
+                del self._closing[leg]  # slot free: ~Call finds no call on it
+                continue
+            finally:
+                if self._writer is not None:
+                    self._writer.probing = False
+            if current != call.sip_call_id:
+                self._forget_slot(call.getId())  # freed and reused in one poll
 
     def release(self, leg: int) -> None:
-        """Drop a leg that never reached DISCONNECTED (idempotent; on the owning thread)."""
-        self._calls.pop(leg, None)
+        """Drop a leg the router has finished with (idempotent; on the owning thread).
+
+        Parked, not deleted: the reaper deletes it once pjsua has freed its slot.
+        """
+        call = self._calls.pop(leg, None)
+        if call is not None:
+            self._closing[leg] = call
 
     def call_stats(self, leg: int) -> tuple[int, int]:
         """(RTP packets received, sent) on a leg's audio stream."""
@@ -503,6 +590,8 @@ class PjsuaAdapter:
     def handle_events(self, msec: int) -> None:
         if self._ep is not None:
             self._ep.libHandleEvents(msec)
+            if self._closing:
+                self._reap()
 
     def str_error(self, status: int) -> str:
         return str(self._ep.utilStrError(status)) if self._ep is not None else str(status)
@@ -517,6 +606,7 @@ class PjsuaAdapter:
             except Exception:
                 pass
         self._calls.clear()
+        self._closing.clear()
         gc.collect()
         accounts = list(self._accounts.values()) + ([self._forward] if self._forward is not None else [])
         self._forward = None

@@ -143,13 +143,15 @@ class CallRouter:
             return
         limit = internal.max_calls or self._sip.max_calls
         if self.active_calls >= self._sip.max_calls or self.active_for(cid) >= limit:
-            code = self._sip.over_limit_response
-            retry = self._sip.over_limit_retry_after_sec if code == 503 else None
             why = (
                 f"{self.active_calls} calls active (agent limit {self._sip.max_calls}), "
                 f"{self.active_for(cid)} on this connection (limit {limit})"
             )
-            self._refuse(ev, cid, log, code, "over_limit", why, retry_after=retry)
+            self._refuse_over_limit(ev, cid, log, why)
+            return
+        if internal.forward_mode == "bridge" and self._adapter.free_call_slots < 1:
+            # legs of ended calls hold pjsua's slots until their BYE or CANCEL completes
+            self._refuse_over_limit(ev, cid, log, "no free SIP call slot for leg B (ended calls still closing)")
             return
         fwd = _Forward(
             connection_id=cid,
@@ -176,6 +178,12 @@ class CallRouter:
         try:
             fwd.leg_b, fwd.call_id_b = self._adapter.make_call(dest, from_uri)
         except Exception as e:
+            if getattr(e, "too_many", False):  # no slot after all: busy, as over the limit
+                self._by_leg.pop(ev.leg, None)
+                self._active[cid] -= 1
+                self._metrics.calls_active.labels(connection_id=cid).set(self._active[cid])
+                self._refuse_over_limit(ev, cid, log, f"no free SIP call slot for leg B: {e}")
+                return
             log.info("call_started", call_id_b=None, **started)
             log.warning("leg_b_failed", error=str(e))
             fwd.bridge.state = BridgeState.ENDED
@@ -276,6 +284,11 @@ class CallRouter:
         if seen:
             out.add(seen)
         return out
+
+    def _refuse_over_limit(self, ev: IncomingCall, cid: str, log: Any, why: str) -> None:
+        code = self._sip.over_limit_response
+        retry = self._sip.over_limit_retry_after_sec if code == 503 else None
+        self._refuse(ev, cid, log, code, "over_limit", why, retry_after=retry)
 
     def _refuse(
         self,

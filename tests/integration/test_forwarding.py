@@ -339,3 +339,44 @@ def test_calls_over_the_limit_get_486_and_registration_keeps_refreshing(call_lab
     gaps = [b - a for a, b in itertools.pairwise(regs)]
     assert max(gaps) < 8.0, gaps
     assert lab.agent.status("c-fwd")["registered"] is True
+
+
+def test_calls_ending_as_new_ones_arrive_get_200_or_486_never_603(call_lab: Callable[..., CallLab]) -> None:
+    """Short calls back to back at the limit: pjsua reuses a slot the moment a call ends.
+
+    A leg dropped after its slot was reused used to hang up the new INVITE with
+    pjsua2's default 603 (its destructor acts on the slot id). Every INVITE must
+    get exactly one final answer, 200 or the agent's 486, and every 486 is counted.
+    """
+    lab = call_lab()  # sip.max_calls: 2
+    dest = lab.dest("dest_answer.xml", calls=100)  # answers after 100 ms
+    pbx = lab.pbx("pbx_call.xml", calls=60, timeout=40, extra_args=["-r", "17", "-d", "0", "-l", "10"])
+    assert pbx.wait(60) == 0, pbx.output()[-2000:]
+    dest.stop()
+    finals: dict[str, list[int]] = {}
+    for m in pbx.received_responses():
+        code = m.status_code
+        if m.cseq_method == "INVITE" and code is not None and code >= 200 and m.call_id:
+            finals.setdefault(m.call_id, []).append(code)
+    invites = {m.call_id for m in pbx.sent_requests("INVITE")}
+    assert len(invites) == 60
+    assert set(finals) == invites, f"{len(invites - set(finals))} INVITEs got no final answer"
+    codes = [c for cs in finals.values() for c in set(cs)]
+    assert all(len(set(cs)) == 1 for cs in finals.values()), finals  # one final per call (retransmits aside)
+    assert set(codes) <= {200, 486}, sorted(set(codes))
+    answered = codes.count(200)
+    busy = codes.count(486)
+    assert answered >= 20, (answered, busy)
+    wait_until(
+        lambda: metric(lab.agent, "uac_agent_inbound_rejected_total", reason="over_limit") == busy,
+        5,
+        f"{busy} over_limit rejections counted",
+    )
+    wait_until(
+        lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == answered,
+        5,
+        f"{answered} answered calls counted",
+    )
+    log = lab.agent.log_path.read_text()
+    assert "call_reject_failed" not in log
+    assert lab.agent.status("c-fwd")["registered"] is True
