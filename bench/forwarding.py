@@ -324,24 +324,6 @@ def analyse_hop(res: RunResult, packets: list[Packet], middle: int, dest: int) -
             res.hop_ok_ms.append((ok_out[key] - ok_in[key]) * 1000.0)
 
 
-def dest_scenario(workdir: Path) -> Path:
-    """``dest_answer.xml`` with ``[last_Record-Route:]`` echoed in its responses.
-
-    A UAS must copy Record-Route into its 2xx (RFC 3261 12.1.1) for the caller's ACK and
-    BYE to follow the proxies; the stock scenario does not (the integration tests reach it
-    through the agent, which does not record-route leg B), so through Kamailio B the ACK
-    and BYE would be lost. SIPp drops the line where the INVITE had no Record-Route, so
-    every path uses this one file.
-    """
-    text = scenario_path("dest_answer.xml").read_text(encoding="iso-8859-1")
-    patched, n = re.subn(r"^(\s*)\[last_Call-ID:\]\n", r"\g<0>\1[last_Record-Route:]\n", text, flags=re.MULTILINE)
-    if n == 0:
-        raise RuntimeError("dest_answer.xml has no [last_Call-ID:] line to add Record-Route after")
-    path = workdir / "dest_answer_rr.xml"
-    path.write_text(patched, encoding="iso-8859-1")
-    return path
-
-
 def _wait(cond: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -396,7 +378,8 @@ class Bench:
         self.hold_ms = hold_ms
         self.dest_port = free_port()
         self.dest_uri = f"sip:1006@127.0.0.1:{self.dest_port}"
-        self.dest_scenario = dest_scenario(workdir)
+        # echoes Record-Route, so the PBX's ACK and BYE follow the record-routing proxies
+        self.dest_scenario = scenario_path("dest_answer.xml")
         self.kam_a: Kamailio | None = None
         self.kam_b: Kamailio | None = None
         self.agent: AgentProcess | None = None
