@@ -28,6 +28,7 @@ from agent.api.openapi import build_openapi
 from agent.api.service import ConnectionService
 from agent.config import AgentSettings, ConfigError, load_settings
 from agent.core.clock import SystemClock
+from agent.http.keys import ApiKeys
 from agent.http.server import HttpServer, StatusApi
 from agent.logs import configure_logging
 from agent.metrics import Metrics
@@ -105,18 +106,11 @@ def run(settings: AgentSettings, install_signals: bool = True) -> int:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGHUP, on_hup)
 
-    assert settings.http.api_key is not None
     host, port = settings.http.host_port
-    connections = ConnectionsApi(service, Authenticator.from_settings(settings.http), build_openapi, log)
-    user_keys = {k.api_key.get_secret_value(): k.user_id for k in settings.http.api_keys if k.api_key is not None}
-    api = StatusApi(
-        settings.http.api_key.get_secret_value(),
-        engine.statuses,
-        lambda: engine.alive,
-        registry,
-        connections=connections,
-        user_keys=user_keys,
-    )
+    keys = ApiKeys.from_settings(settings.http)  # one set for every endpoint; reload swaps it
+    service.api_keys = keys
+    connections = ConnectionsApi(service, Authenticator(keys), build_openapi, log)
+    api = StatusApi(keys, engine.statuses, lambda: engine.alive, registry, connections=connections)
     try:
         http = HttpServer(host, port, api, log)
     except OSError as e:

@@ -21,7 +21,15 @@ from typing import Any, Protocol
 
 from agent.config import AgentSettings, ConfigError, Connection, load_settings
 
-__all__ = ["RESTART_ONLY", "ConnectionDiff", "diff_connections", "reload_from_file", "restart_only_changes"]
+__all__ = [
+    "RELOADABLE_FIELDS",
+    "RESTART_ONLY",
+    "ConnectionDiff",
+    "api_keys_changed",
+    "diff_connections",
+    "reload_from_file",
+    "restart_only_changes",
+]
 
 RESTART_ONLY = ("sip", "http", "log", "store", "shutdown_timeout_sec")
 
@@ -44,9 +52,26 @@ def diff_connections(old: dict[str, Connection], new: dict[str, Connection]) -> 
     )
 
 
+# Fields of a restart-only section that a reload does apply.
+RELOADABLE_FIELDS = {"http": ("api_key", "api_keys")}
+
+
 def restart_only_changes(old: AgentSettings, new: AgentSettings) -> list[str]:
     """Sections that differ but can only take effect on a restart."""
-    return [name for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
+    out = []
+    for name in RESTART_ONLY:
+        a, b = getattr(old, name), getattr(new, name)
+        live = RELOADABLE_FIELDS.get(name, ())
+        if live:
+            a = a.model_copy(update=dict.fromkeys(live))
+            b = b.model_copy(update=dict.fromkeys(live))
+        if a != b:
+            out.append(name)
+    return out
+
+
+def api_keys_changed(old: AgentSettings, new: AgentSettings) -> bool:
+    return any(getattr(old.http, f) != getattr(new.http, f) for f in RELOADABLE_FIELDS["http"])
 
 
 class Reloadable(Protocol):

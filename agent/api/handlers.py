@@ -8,7 +8,6 @@ pjsua2 (the service hands changes to the SIP thread). Order of checks: path
 
 from __future__ import annotations
 
-import hmac
 import json
 import math
 import re
@@ -22,6 +21,7 @@ from agent.api.errors import ApiError, Problem
 from agent.api.models import Record, resource
 from agent.api.service import ConnectionService
 from agent.config import HttpSettings
+from agent.http.keys import ApiKeys, InvalidKey
 
 __all__ = ["MAX_BODY_BYTES", "Authenticator", "ConnectionsApi", "Principal"]
 
@@ -55,15 +55,12 @@ class Principal:
 class Authenticator:
     """Bearer keys: ``http.api_key`` acts for every user; each ``http.api_keys`` entry for one."""
 
-    def __init__(self, admin_key: str, user_keys: Mapping[str, str]) -> None:
-        self._admin = admin_key.encode()
-        self._users = [(k.encode(), uid) for k, uid in user_keys.items()]
+    def __init__(self, admin_key: str | ApiKeys, user_keys: Mapping[str, str] | None = None) -> None:
+        self.keys = admin_key if isinstance(admin_key, ApiKeys) else ApiKeys(admin_key, user_keys)
 
     @classmethod
     def from_settings(cls, http: HttpSettings) -> Authenticator:
-        assert http.api_key is not None
-        users = {k.api_key.get_secret_value(): k.user_id for k in http.api_keys if k.api_key is not None}
-        return cls(http.api_key.get_secret_value(), users)
+        return cls(ApiKeys.from_settings(http))
 
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
         value = headers.get("authorization")
@@ -72,16 +69,10 @@ class Authenticator:
         scheme, _, token = value.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError.one(401, "unauthorized", "Authorization must be 'Bearer <api_key>'")
-        got = token.strip().encode()
-        if hmac.compare_digest(got, self._admin):
-            return Principal(None)
-        found: str | None = None
-        for key, uid in self._users:  # compare with every key: no timing hint of which matched
-            if hmac.compare_digest(got, key):
-                found = uid
-        if found is None:
+        user = self.keys.user_of(token.strip())
+        if isinstance(user, InvalidKey):
             raise ApiError.one(401, "unauthorized", "invalid API key")
-        return Principal(found)
+        return Principal(user)
 
 
 def _json(status: int, body: Any) -> tuple[int, str, bytes]:

@@ -41,7 +41,15 @@ from agent.api.models import (
     secret_document,
 )
 from agent.config import MAX_CONNECTIONS, PJSUA_MAX_ACC, AgentSettings, Connection
-from agent.reload import RESTART_ONLY, ReloadRefusedError, diff_connections, restart_only_changes
+from agent.http.keys import ApiKeys
+from agent.reload import (
+    RELOADABLE_FIELDS,
+    RESTART_ONLY,
+    ReloadRefusedError,
+    api_keys_changed,
+    diff_connections,
+    restart_only_changes,
+)
 from agent.sip.engine import ConnectionLimitError, EngineError, NotRegisteringError, UnknownConnectionError
 from agent.status import ConnectionStatus
 from agent.store import ConnectionStore, StoredConnection, StoreError
@@ -85,6 +93,8 @@ class ConnectionService:
         self._now = clock
         self._lock = threading.RLock()
         self._engine: Engine | None = None
+        # The HTTP API's keys (shared with its handlers): a reload swaps them in place.
+        self.api_keys: ApiKeys | None = None
         self._records: dict[str, Record] = {}
         self.wait_timeout = 2 * settings.shutdown_timeout_sec + 5.0
         self._load()
@@ -454,7 +464,16 @@ class ConnectionService:
             if problems:
                 raise ReloadRefusedError(problems)
             restart = restart_only_changes(self._settings, new)
+            keys_changed = api_keys_changed(self._settings, new)
+            if keys_changed and self.api_keys is None:
+                restart.append("http")  # nothing to hand the new keys to (not wired)
+                keys_changed = False
             effective = new.model_copy(update={name: getattr(self._settings, name) for name in RESTART_ONLY})
+            if keys_changed:
+                http = self._settings.http.model_copy(
+                    update={f: getattr(new.http, f) for f in RELOADABLE_FIELDS["http"]}
+                )
+                effective = effective.model_copy(update={"http": http})
             old_settings = self._settings
             self._wait(engine.replace_settings(effective), "settings", "")
             self._settings = effective
@@ -477,6 +496,8 @@ class ConnectionService:
                         if old_settings.policy_settings(r.conn) != effective.policy_settings(r.conn):
                             to_apply.append(r.conn)
                             retuned.append(r.id)
+            if keys_changed and self.api_keys is not None:
+                self.api_keys.replace_from(effective.http)
             applies = {c.connection_id: (c, engine.apply_connection(c)) for c in to_apply}
             for cid, (conn, fut) in applies.items():
                 try:
@@ -496,5 +517,6 @@ class ConnectionService:
                 "unchanged": len(d.unchanged),
                 "policy_retuned": retuned,
                 "failed": failed,
-                "needs_restart": restart,
+                "api_keys_reloaded": keys_changed,
+                "needs_restart": sorted(set(restart)),
             }

@@ -10,7 +10,6 @@ Errors follow the API's usual shape: ``{"errors": [{"code", "title", "detail",
 
 from __future__ import annotations
 
-import hmac
 import json
 import threading
 from collections.abc import Callable, Mapping
@@ -20,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from agent.http.keys import ApiKeys, InvalidKey
 from agent.status import ConnectionStatus
 
 if TYPE_CHECKING:
@@ -46,19 +46,19 @@ class StatusApi:
 
     def __init__(
         self,
-        api_key: str,
+        api_key: str | ApiKeys,
         statuses: Callable[[], Mapping[str, ConnectionStatus]],
         sip_alive: Callable[[], bool],
         registry: CollectorRegistry,
         connections: ConnectionsApi | None = None,
         user_keys: Mapping[str, str] | None = None,
     ) -> None:
-        self._key = api_key.encode()
+        # shared with the connections API, so a reload swaps the keys of both at once
+        self.keys = api_key if isinstance(api_key, ApiKeys) else ApiKeys(api_key, user_keys)
         self._statuses = statuses
         self._sip_alive = sip_alive
         self._registry = registry
         self._connections = connections
-        self._user_keys = [(k.encode(), uid) for k, uid in (user_keys or {}).items()]  # key -> user_id
 
     def handle(
         self, method: str, target: str, headers: Mapping[str, str], content: bytes = b""
@@ -99,14 +99,8 @@ class StatusApi:
         scheme, _, token = value.strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "unauthorized", "Unauthorized", "Authorization must be 'Bearer <api_key>'")
-        got = token.strip().encode()
-        if hmac.compare_digest(got, self._key):
-            return None
-        user: str | None = None
-        for key, uid in self._user_keys:
-            if hmac.compare_digest(got, key):
-                user = uid
-        if user is None:
+        user = self.keys.user_of(token.strip())
+        if isinstance(user, InvalidKey):
             raise ApiError(401, "unauthorized", "Unauthorized", "invalid API key")
         return user
 

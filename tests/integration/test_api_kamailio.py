@@ -248,6 +248,20 @@ def test_sighup_reregisters_only_the_connection_edited_in_the_file(
     assert any("transport" in p and "SCTP" in p for p in refused["problems"])
     assert agent.http_get("/readyz")[0] == 200
     assert len(registers(kam, "heidi")) == heidi_n
+
+    # Rotating the API key is a reload too: the old key is refused from then on.
+    config["http"]["api_key"] = "rotated-operator-key-0123456789"
+    agent.config_path.write_text(json.dumps(config))
+    agent.proc.send_signal(signal.SIGHUP)
+    agent.wait_for(
+        lambda: sum(e.get("event") == "reload_applied" for e in agent.logs()) == 2, 5, "second reload_applied"
+    )
+    applied = [e for e in agent.logs() if e.get("event") == "reload_applied"][-1]
+    assert applied["api_keys_reloaded"] is True and applied["needs_restart"] == []
+    assert agent.http_get(BASE, key=API_KEY)[0] == 401
+    assert agent.http_get(BASE, key="rotated-operator-key-0123456789")[0] == 200
+    assert "rotated-operator-key" not in agent.raw_log()
+    assert len(registers(kam, "heidi")) == heidi_n
     assert agent.terminate() == 0
 
 

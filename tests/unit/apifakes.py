@@ -27,6 +27,7 @@ from agent.api.openapi import build_openapi
 from agent.api.service import ConnectionService
 from agent.config import AgentSettings
 from agent.core.clock import SystemClock
+from agent.http.keys import ApiKeys
 from agent.http.server import StatusApi
 from agent.logs import configure_logging
 from agent.metrics import Metrics
@@ -196,8 +197,10 @@ def running_agent(settings: AgentSettings) -> Iterator[Harness]:
     )
     service.attach(engine)
     engine.start()
-    connections = ConnectionsApi(service, Authenticator.from_settings(settings.http), build_openapi, log)
-    api = StatusApi(KEY, engine.statuses, lambda: engine.alive, registry, connections=connections, user_keys=USER_KEYS)
+    keys = ApiKeys.from_settings(settings.http)
+    service.api_keys = keys
+    connections = ConnectionsApi(service, Authenticator(keys), build_openapi, log)
+    api = StatusApi(keys, engine.statuses, lambda: engine.alive, registry, connections=connections)
     h = Harness(settings, store, service, engine, api, stream, adapters)
     try:
         yield h

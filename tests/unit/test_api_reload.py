@@ -154,6 +154,37 @@ def test_reload_retunes_defaults_live_and_reports_restart_only_sections(tmp_path
         assert c.policy.settings.forbidden_retry_interval_sec == 42
 
 
+def test_reload_rotates_api_keys_on_every_endpoint(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "agent.json", [conn("a", "alice")])
+    status_q = "/v2/sip_registration_status?credential_type=uac_third-party_credential&connection_id=a&user_id=323"
+    with running_agent(load_settings(path)) as h:
+        h.wait(lambda: h.status("a")["registered"], what="a registered")
+        old_user_key = next(k for k, u in USER_KEYS.items() if u == "323")
+        assert h.call("GET", BASE, key=old_user_key)[0] == 200
+        data = json.loads(path.read_text())
+        data["http"]["api_key"] = "operator-key-rotated-0123"
+        data["http"]["api_keys"] = [{"user_id": "323", "api_key": "tenant-323-rotated-0123"}]
+        path.write_text(json.dumps(data))
+        assert reload_from_file(path, h.service, h.service._log) is True
+        applied = [json.loads(line) for line in h.log.getvalue().splitlines() if '"reload_applied"' in line][-1]
+        assert applied["api_keys_reloaded"] is True
+        assert applied["needs_restart"] == []  # keys alone need no restart
+        # the old keys stop working on the connections API and the status endpoint alike
+        for old in (KEY, old_user_key, "tenant-999-key-0123456789"):
+            code, body = h.call("GET", BASE, key=old)
+            assert code == 401 and body["errors"][0]["code"] == "unauthorized", body
+            assert h.call("GET", status_q, key=old)[0] == 401
+        code, body = h.call("GET", BASE, key="operator-key-rotated-0123")
+        assert code == 200 and [c["id"] for c in body["data"]] == ["a"]
+        code, body = h.call("GET", BASE, key="tenant-323-rotated-0123")
+        assert code == 200  # the rotated key still acts for user 323
+        assert h.call("GET", status_q, key="tenant-323-rotated-0123")[0] == 200
+        assert h.call("GET", status_q, key="operator-key-rotated-0123")[0] == 200
+        # the new keys never reach the log
+        assert "rotated-0123" not in h.log.getvalue()
+        assert h.adapter.registers("a") == 1  # no connection was touched
+
+
 def test_reload_without_a_config_file_is_refused(tmp_path: Path) -> None:
     from tests.unit.apifakes import settings_for
 

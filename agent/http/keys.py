@@ -1,0 +1,64 @@
+"""The HTTP API's bearer keys, shared by every endpoint and swapped whole on reload.
+
+``http.api_key`` acts for every user; each ``http.api_keys`` entry acts for one
+``user_id``. The keys live in one attribute holding an immutable tuple, so a
+reload replaces them in one step while request threads read them without a lock.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+
+from agent.config import HttpSettings
+
+__all__ = ["INVALID", "ApiKeys"]
+
+
+class InvalidKey:
+    def __repr__(self) -> str:
+        return "INVALID"
+
+
+INVALID = InvalidKey()
+"""What :meth:`ApiKeys.user_of` returns for a key that is none of the configured ones."""
+
+
+class ApiKeys:
+    def __init__(self, admin_key: str, user_keys: Mapping[str, str] | None = None) -> None:
+        self._keys = self._build(admin_key, user_keys or {})
+
+    @staticmethod
+    def _build(admin_key: str, user_keys: Mapping[str, str]) -> tuple[bytes, tuple[tuple[bytes, str], ...]]:
+        return admin_key.encode(), tuple((k.encode(), uid) for k, uid in user_keys.items())
+
+    @staticmethod
+    def _from_http(http: HttpSettings) -> tuple[str, dict[str, str]]:
+        if http.api_key is None:
+            raise ValueError("http.api_key is required")
+        users = {k.api_key.get_secret_value(): k.user_id for k in http.api_keys if k.api_key is not None}
+        return http.api_key.get_secret_value(), users
+
+    @classmethod
+    def from_settings(cls, http: HttpSettings) -> ApiKeys:
+        return cls(*cls._from_http(http))
+
+    def replace_from(self, http: HttpSettings) -> None:
+        """Swap in the keys of ``http`` (a reload); requests in flight finish with the old ones."""
+        self._keys = self._build(*self._from_http(http))
+
+    def user_of(self, token: str) -> str | InvalidKey | None:
+        """None for the operator's key, the user_id for a user's key, else ``INVALID``.
+
+        Every key is compared, in constant time, whichever matches: no timing hint.
+        """
+        admin, users = self._keys
+        got = token.encode()
+        is_admin = hmac.compare_digest(got, admin)
+        found: str | None = None
+        for key, uid in users:
+            if hmac.compare_digest(got, key):
+                found = uid
+        if is_admin:
+            return None
+        return INVALID if found is None else found
