@@ -339,3 +339,66 @@ def test_a_call_in_progress_carries_on_while_connections_change(
         assert agent.terminate() == 0
     finally:
         k.stop()
+
+
+def test_a_call_carries_on_while_its_own_connection_re_registers(
+    tmp_path: Path, pki: dict[str, Path], agent_factory: Callable[..., AgentProcess]
+) -> None:
+    """A registration change re-creates the connection's pjsua2 account; a bridged call that
+    came in on that connection is not cut off by it, and ends by its own BYE."""
+    k = start_kamailio(tmp_path / "pbx", pki, users={"lena": "lena-pw"})
+    dest_port = free_port()
+    try:
+        agent = agent_factory([], sip={"rtp_port": random.randrange(30000, 40000, 2), "rtp_port_range": 200})
+        code, out = call(
+            agent,
+            "POST",
+            BASE,
+            {
+                "connection_name": "Lena",
+                "external_uac_settings": ext(k, "lena", password="lena-pw", expiration_sec=300),
+                "internal_uac_settings": {"destination_uri": f"1006@127.0.0.1:{dest_port}"},
+            },
+        )
+        assert code == 201, out
+        lena = out["data"]["id"]
+        agent.wait_for(lambda: k.lookup("lena") is not None, 5, "lena bound")
+        lena_ci = binding_call_id(k, "lena")
+        dest = Sipp(
+            scenario_path("dest_answer.xml"),
+            dest_port,
+            variables={"callee": "assistant", "rtp_port": str(free_port())},
+            workdir=tmp_path / "dest",
+        )
+        dest.start()
+        pbx = Sipp(
+            scenario_path("pbx_call.xml"),
+            free_port(),
+            variables={"caller": "1000", "sdp_user": "pbx", "ruri_params": "", "rtp_port": free_port()},
+            workdir=tmp_path / "pbx-call",
+            remote=f"127.0.0.1:{k.cfg.port}",
+            service="lena",
+            timeout=30,
+            extra_args=["-d", "4000"],  # hold the call 4 s, then BYE
+        )
+        pbx.start()
+        try:
+            agent.wait_for(lambda: any(e.get("event") == "call_started" for e in agent.logs()), 10, "call up")
+            time.sleep(0.5)
+            patch = {"external_uac_settings": {"expiration_sec": 120}}
+            assert call(agent, "PATCH", f"{BASE}/{lena}", patch)[0] == 200
+            agent.wait_for(
+                lambda: binding_call_id(k, "lena") not in (None, lena_ci), 10, "lena re-registered (new account)"
+            )
+            assert pbx.wait(30) == 0, pbx.output()[-2000:]  # the call ended by its own BYE, answered
+        finally:
+            pbx.stop()
+            dest.stop()
+        assert len(dest.received_requests("BYE")) == 1  # torn down by the PBX's BYE, not before
+        ended = [e for e in agent.logs() if e.get("event") == "call_ended"]
+        assert len(ended) == 1 and ended[0]["result"] == "answered", ended
+        assert ended[0]["talk_sec"] >= 3.5, ended
+        assert get(agent, lena)["registered"] is True
+        assert agent.terminate() == 0
+    finally:
+        k.stop()
