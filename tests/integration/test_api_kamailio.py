@@ -341,11 +341,13 @@ def test_a_call_in_progress_carries_on_while_connections_change(
         k.stop()
 
 
-def test_a_call_carries_on_while_its_own_connection_re_registers(
-    tmp_path: Path, pki: dict[str, Path], agent_factory: Callable[..., AgentProcess]
+@pytest.mark.parametrize("change", ["re-register", "delete"])
+def test_a_call_carries_on_while_its_own_connection_changes(
+    tmp_path: Path, pki: dict[str, Path], agent_factory: Callable[..., AgentProcess], change: str
 ) -> None:
-    """A registration change re-creates the connection's pjsua2 account; a bridged call that
-    came in on that connection is not cut off by it, and ends by its own BYE."""
+    """A registration change re-creates the connection's pjsua2 account, a DELETE removes it;
+    a bridged call that came in on that connection is not cut off by either, and ends by its
+    own BYE."""
     k = start_kamailio(tmp_path / "pbx", pki, users={"lena": "lena-pw"})
     dest_port = free_port()
     try:
@@ -385,11 +387,15 @@ def test_a_call_carries_on_while_its_own_connection_re_registers(
         try:
             agent.wait_for(lambda: any(e.get("event") == "call_started" for e in agent.logs()), 10, "call up")
             time.sleep(0.5)
-            patch = {"external_uac_settings": {"expiration_sec": 120}}
-            assert call(agent, "PATCH", f"{BASE}/{lena}", patch)[0] == 200
-            agent.wait_for(
-                lambda: binding_call_id(k, "lena") not in (None, lena_ci), 10, "lena re-registered (new account)"
-            )
+            if change == "re-register":
+                patch = {"external_uac_settings": {"expiration_sec": 120}}
+                assert call(agent, "PATCH", f"{BASE}/{lena}", patch)[0] == 200
+                agent.wait_for(
+                    lambda: binding_call_id(k, "lena") not in (None, lena_ci), 10, "lena re-registered (new account)"
+                )
+            else:
+                assert call(agent, "DELETE", f"{BASE}/{lena}")[0] == 200
+                agent.wait_for(lambda: k.lookup("lena") is None, 10, "lena unregistered")
             assert pbx.wait(30) == 0, pbx.output()[-2000:]  # the call ended by its own BYE, answered
         finally:
             pbx.stop()
@@ -398,7 +404,10 @@ def test_a_call_carries_on_while_its_own_connection_re_registers(
         ended = [e for e in agent.logs() if e.get("event") == "call_ended"]
         assert len(ended) == 1 and ended[0]["result"] == "answered", ended
         assert ended[0]["talk_sec"] >= 3.5, ended
-        assert get(agent, lena)["registered"] is True
+        if change == "re-register":
+            assert get(agent, lena)["registered"] is True
+        else:
+            assert call(agent, "GET", f"{BASE}/{lena}")[0] == 404
         assert agent.terminate() == 0
     finally:
         k.stop()
