@@ -265,6 +265,33 @@ def test_sighup_reregisters_only_the_connection_edited_in_the_file(
     assert agent.terminate() == 0
 
 
+def start_call(tmp_path: Path, k: Kamailio, user: str, dest_port: int, hold_ms: int) -> tuple[Sipp, Sipp]:
+    """A destination UAS on ``dest_port``, then one PBX call to ``user`` through Kamailio, held ``hold_ms``."""
+    dest = Sipp(
+        scenario_path("dest_answer.xml"),
+        dest_port,
+        variables={"callee": "assistant", "rtp_port": str(free_port())},
+        workdir=tmp_path / "dest",
+    )
+    dest.start()
+    pbx = Sipp(
+        scenario_path("pbx_call.xml"),
+        free_port(),
+        variables={"caller": "1000", "sdp_user": "pbx", "ruri_params": "", "rtp_port": free_port()},
+        workdir=tmp_path / "pbx-call",
+        remote=f"127.0.0.1:{k.cfg.port}",
+        service=user,
+        timeout=30,
+        extra_args=["-d", str(hold_ms)],  # hold the call, then BYE
+    )
+    try:
+        pbx.start()
+    except Exception:
+        dest.stop()
+        raise
+    return dest, pbx
+
+
 def test_a_call_in_progress_carries_on_while_connections_change(
     tmp_path: Path, pki: dict[str, Path], agent_factory: Callable[..., AgentProcess]
 ) -> None:
@@ -287,24 +314,7 @@ def test_a_call_in_progress_carries_on_while_connections_change(
         assert code == 201, out
         judy = out["data"]["id"]
         agent.wait_for(lambda: k.lookup("judy") is not None, 5, "judy bound")
-        dest = Sipp(
-            scenario_path("dest_answer.xml"),
-            dest_port,
-            variables={"callee": "assistant", "rtp_port": str(free_port())},
-            workdir=tmp_path / "dest",
-        )
-        dest.start()
-        pbx = Sipp(
-            scenario_path("pbx_call.xml"),
-            free_port(),
-            variables={"caller": "1000", "sdp_user": "pbx", "ruri_params": "", "rtp_port": free_port()},
-            workdir=tmp_path / "pbx-call",
-            remote=f"127.0.0.1:{k.cfg.port}",
-            service="judy",
-            timeout=30,
-            extra_args=["-d", "5000"],  # hold the call 5 s, then BYE
-        )
-        pbx.start()
+        dest, pbx = start_call(tmp_path, k, "judy", dest_port, hold_ms=5000)
         try:
             agent.wait_for(lambda: any(e.get("event") == "call_started" for e in agent.logs()), 10, "call up")
             judy_ci = binding_call_id(k, "judy")
@@ -366,24 +376,7 @@ def test_a_call_carries_on_while_its_own_connection_changes(
         lena = out["data"]["id"]
         agent.wait_for(lambda: k.lookup("lena") is not None, 5, "lena bound")
         lena_ci = binding_call_id(k, "lena")
-        dest = Sipp(
-            scenario_path("dest_answer.xml"),
-            dest_port,
-            variables={"callee": "assistant", "rtp_port": str(free_port())},
-            workdir=tmp_path / "dest",
-        )
-        dest.start()
-        pbx = Sipp(
-            scenario_path("pbx_call.xml"),
-            free_port(),
-            variables={"caller": "1000", "sdp_user": "pbx", "ruri_params": "", "rtp_port": free_port()},
-            workdir=tmp_path / "pbx-call",
-            remote=f"127.0.0.1:{k.cfg.port}",
-            service="lena",
-            timeout=30,
-            extra_args=["-d", "4000"],  # hold the call 4 s, then BYE
-        )
-        pbx.start()
+        dest, pbx = start_call(tmp_path, k, "lena", dest_port, hold_ms=4000)
         try:
             agent.wait_for(lambda: any(e.get("event") == "call_started" for e in agent.logs()), 10, "call up")
             time.sleep(0.5)
