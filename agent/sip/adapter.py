@@ -12,7 +12,8 @@ import gc
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pjsua2 as pj
@@ -169,6 +170,16 @@ class _Call(pj.Call):  # type: ignore[misc]
             self._sink(CallDtmf(leg=self.leg, digit=str(prm.digit), method=method, duration_ms=int(prm.duration)))
         except Exception as e:
             self._sink(StackLog(level=1, message=f"onDtmfDigit failed: {e!r}"))
+
+
+@contextmanager
+def _ending(call: _Call, final: bool = True) -> Iterator[None]:
+    """Mark ``call`` as ended by the agent while pjsua runs the operation (see _Call.ending)."""
+    call.ending = final
+    try:
+        yield
+    finally:
+        call.ending = False
 
 
 class _Account(pj.Account):  # type: ignore[misc]
@@ -440,16 +451,11 @@ class PjsuaAdapter:
                 prm.txOption.headers.append(h)
         call = self._call(leg)
         try:
-            if 300 <= code and contact is None:
-                self._end(call, prm)
-            elif code >= 300:
-                call.ending = True  # a 3xx final response also ends the leg
-                try:
+            with _ending(call, final=code >= 300):
+                if code >= 300 and contact is None:
+                    call.hangup(prm)
+                else:
                     call.answer(prm)
-                finally:
-                    call.ending = False
-            else:
-                call.answer(prm)
         except AdapterError:
             raise
         except Exception as e:
@@ -465,17 +471,10 @@ class PjsuaAdapter:
             prm.statusCode = code
         try:
             if call.isActive():
-                self._end(call, prm)
+                with _ending(call):
+                    call.hangup(prm)
         except Exception as e:
             raise AdapterError(f"hangup leg {leg}: {_err(e)}") from None
-
-    @staticmethod
-    def _end(call: _Call, prm: Any) -> None:
-        call.ending = True
-        try:
-            call.hangup(prm)
-        finally:
-            call.ending = False
 
     def make_call(self, dest_uri: str, from_uri: str | None) -> tuple[int, str]:
         """Leg B: INVITE ``dest_uri`` from the agent's own account. (leg, Call-ID)."""
