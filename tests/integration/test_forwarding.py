@@ -13,7 +13,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class CallLab:
     dest_port: int
     workdir: Path
     user: str
+    sipps: list[Sipp] = field(default_factory=list)  # stopped by the fixture, even after a failure
 
     def dest(self, scenario: str, calls: int = 1, **kw: Any) -> Sipp:
         variables = {"callee": "assistant"}
@@ -73,6 +74,7 @@ class CallLab:
             calls=calls,
             **kw,
         )
+        self.sipps.append(s)
         s.start()
         return s
 
@@ -94,6 +96,7 @@ class CallLab:
             host=host,
             **kw,
         )
+        self.sipps.append(s)
         s.start()
         return s
 
@@ -113,6 +116,7 @@ def pbx_proxy(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Path]) ->
 def call_lab(pbx_proxy: Kamailio, tmp_path: Path) -> Iterator[Callable[..., CallLab]]:
     kamailio = pbx_proxy
     agents: list[AgentProcess] = []
+    labs: list[CallLab] = []
     kamailio.rpc("ul.rm", "location", USER, check=False)  # no binding left by an earlier test
 
     def make(
@@ -131,9 +135,13 @@ def call_lab(pbx_proxy: Kamailio, tmp_path: Path) -> Iterator[Callable[..., Call
         agents.append(agent)
         agent.start()
         agent.wait_for(lambda: kamailio.lookup(user) is not None, 10, f"{user} bound in Kamailio")
-        return CallLab(kamailio, agent, dest_port, tmp_path, user)
+        lab = CallLab(kamailio, agent, dest_port, tmp_path, user)
+        labs.append(lab)
+        return lab
 
     yield make
+    for s in (s for lab in labs for s in lab.sipps):
+        s.stop()
     for a in agents:
         try:
             a.terminate()  # unregisters: no stale binding for the next test
