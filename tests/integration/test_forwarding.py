@@ -243,6 +243,30 @@ def test_rtp_is_bridged_both_ways_and_dtmf_is_relayed(call_lab: Callable[..., Ca
     assert pbx_rtp.count_of(DEST_PATTERN) > 100, pbx_rtp.received
 
 
+def test_183_early_media_is_relayed_and_bridged_before_the_answer(call_lab: Callable[..., CallLab]) -> None:
+    lab = call_lab()
+    pbx_rtp = RtpEndpoint(free_port(), PBX_PATTERN).start()
+    dest_rtp = RtpEndpoint(free_port(), DEST_PATTERN).start()
+    try:
+        dest = lab.dest("dest_early_media.xml", rtp_port=str(dest_rtp.port))  # 183 + SDP, 200 after 2 s
+        pbx = lab.pbx("pbx_call.xml", rtp_port=pbx_rtp.port, timeout=30, extra_args=["-d", "1000"])
+        wait_until(lambda: pbx_rtp.count_of(DEST_PATTERN) >= 25, 10, "the destination's early media at the PBX")
+        heard_at = time.time()
+        assert pbx.wait(30) == 0, pbx.output()[-2000:]
+        dest.stop()
+    finally:
+        pbx_rtp.stop()
+        dest_rtp.stop()
+    progress = pbx.received_responses(183)
+    assert progress and "m=audio" in progress[0].body, "183 without SDP at the PBX"
+    (answer,) = [m for m in pbx.received_responses(200) if m.cseq_method == "INVITE"][:1]
+    # 25 packets of the destination's audio (0.5 s) reached the PBX before leg A was answered
+    assert heard_at < answer.timestamp, (heard_at, answer.timestamp)
+    assert answer.timestamp - progress[0].timestamp > 1.5  # the 2 s of early media, then the answer
+    assert dest_rtp.count_of(PBX_PATTERN) > 0  # bridged both ways
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 1, 5, "answered counted")
+
+
 def test_sip_info_dtmf_is_relayed(call_lab: Callable[..., CallLab]) -> None:
     lab = call_lab()
     dest = lab.dest("dest_answer.xml")
