@@ -124,12 +124,15 @@ def call_lab(pbx_proxy: Kamailio, tmp_path: Path) -> Iterator[Callable[..., Call
         internal: dict[str, Any] | None = None,
         sip: dict[str, Any] | None = None,
         expiration_sec: int = 300,
+        dest_params: str = "",
+        dest_port: int | None = None,
     ) -> CallLab:
-        dest_port = free_port()
+        dest_port = dest_port or free_port()
         conn = connection(
             "c-fwd", f"sip:127.0.0.1:{kamailio.cfg.port}", "UDP", user, "frank-pw", expiration_sec=expiration_sec
         )
-        conn["internal_uac_settings"] = {"destination_uri": f"1006@127.0.0.1:{dest_port}", **(internal or {})}
+        destination = f"1006@127.0.0.1:{dest_port}{dest_params}"
+        conn["internal_uac_settings"] = {"destination_uri": destination, **(internal or {})}
         sip_section = {"rtp_port": random.randrange(20000, 30000, 2), "rtp_port_range": 200, **(sip or {})}
         agent = AgentProcess(tmp_path / f"agent{len(agents)}", [conn], sip=sip_section, log={"level": "debug"})
         agents.append(agent)
@@ -168,6 +171,47 @@ def test_answered_calls_are_bridged_and_torn_down(call_lab: Callable[..., CallLa
     ended = [e for e in lab.agent.logs() if e.get("event") == "call_ended"]
     assert len(ended) == 20
     assert all(e["call_id_a"] and e["call_id_b"] and e["result"] == "answered" for e in ended)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_transport_in_destination_uri_is_honoured(
+    call_lab: Callable[..., CallLab], pki: dict[str, Path], tmp_path: Path, transport: str
+) -> None:
+    """``;transport=`` on destination_uri: leg B goes over TCP or TLS while leg A stays on UDP.
+
+    SIPp here has no TLS, so for TLS the destination is a Kamailio (TLS, certificate
+    for ``localhost`` from the test CA) relaying to the SIPp destination over UDP.
+    """
+    relay: Kamailio | None = None
+    if transport == "tcp":
+        lab = call_lab(dest_params=";transport=tcp")
+        dest = lab.dest("dest_answer.xml", calls=2, transport="t1")
+    else:
+        dest_port = free_port()
+        relay = start_kamailio(tmp_path / "tls-relay", pki, relay_to=f"sip:1006@127.0.0.1:{dest_port}")
+        lab = call_lab(
+            dest_port=dest_port,
+            internal={"destination_uri": f"1006@localhost:{relay.cfg.tls_port};transport=tls"},
+            sip={"tls_ca_file": str(pki["ca"])},
+        )
+        dest = lab.dest("dest_answer.xml", calls=2)
+    try:
+        pbx = lab.pbx("pbx_call.xml", calls=2, timeout=30, extra_args=["-r", "2", "-d", "300"])
+        assert pbx.wait(30) == 0, pbx.output()[-2000:]
+        wait_until(lambda: len(dest.received_requests("BYE")) == 2, 10, "2 BYEs at the destination")
+        dest.stop()
+    finally:
+        if relay is not None:
+            relay.stop()
+    invites = dest.received_requests("INVITE")
+    assert len(invites) == 2
+    # the agent's Via (below the relay's, for TLS) names the transport leg B took
+    agent_vias = [m.header_all("Via")[-1] for m in invites]
+    assert all(f"SIP/2.0/{transport.upper()}" in v for v in agent_vias), agent_vias
+    if transport == "tcp":
+        assert all(m.transport == "TCP" for m in invites), [m.transport for m in invites]
+    assert all(m.transport == "UDP" for m in pbx.received_responses(200))
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 2, 5, "2 answered")
 
 
 def test_destination_hangs_up_and_bye_reaches_the_pbx(call_lab: Callable[..., CallLab]) -> None:
