@@ -265,6 +265,24 @@ def test_sighup_reregisters_only_the_connection_edited_in_the_file(
     assert agent.terminate() == 0
 
 
+def forwarding_connection(agent: AgentProcess, k: Kamailio, user: str, dest_port: int) -> str:
+    """Create (through the API) a connection registering ``user`` that forwards to ``dest_port``; its id."""
+    code, out = call(
+        agent,
+        "POST",
+        BASE,
+        {
+            "connection_name": user.title(),
+            "external_uac_settings": ext(k, user, password=f"{user}-pw", expiration_sec=300),
+            "internal_uac_settings": {"destination_uri": f"1006@127.0.0.1:{dest_port}"},
+        },
+    )
+    assert code == 201, out
+    agent.wait_for(lambda: k.lookup(user) is not None, 5, f"{user} bound")
+    cid: str = out["data"]["id"]
+    return cid
+
+
 def start_call(tmp_path: Path, k: Kamailio, user: str, dest_port: int, hold_ms: int) -> tuple[Sipp, Sipp]:
     """A destination UAS on ``dest_port``, then one PBX call to ``user`` through Kamailio, held ``hold_ms``."""
     dest = Sipp(
@@ -301,19 +319,7 @@ def test_a_call_in_progress_carries_on_while_connections_change(
     dest_port = free_port()
     try:
         agent = agent_factory([], sip={"rtp_port": random.randrange(30000, 40000, 2), "rtp_port_range": 200})
-        code, out = call(
-            agent,
-            "POST",
-            BASE,
-            {
-                "connection_name": "Judy",
-                "external_uac_settings": ext(k, "judy", password="judy-pw", expiration_sec=300),
-                "internal_uac_settings": {"destination_uri": f"1006@127.0.0.1:{dest_port}"},
-            },
-        )
-        assert code == 201, out
-        judy = out["data"]["id"]
-        agent.wait_for(lambda: k.lookup("judy") is not None, 5, "judy bound")
+        judy = forwarding_connection(agent, k, "judy", dest_port)
         dest, pbx = start_call(tmp_path, k, "judy", dest_port, hold_ms=5000)
         try:
             agent.wait_for(lambda: any(e.get("event") == "call_started" for e in agent.logs()), 10, "call up")
@@ -362,19 +368,7 @@ def test_a_call_carries_on_while_its_own_connection_changes(
     dest_port = free_port()
     try:
         agent = agent_factory([], sip={"rtp_port": random.randrange(30000, 40000, 2), "rtp_port_range": 200})
-        code, out = call(
-            agent,
-            "POST",
-            BASE,
-            {
-                "connection_name": "Lena",
-                "external_uac_settings": ext(k, "lena", password="lena-pw", expiration_sec=300),
-                "internal_uac_settings": {"destination_uri": f"1006@127.0.0.1:{dest_port}"},
-            },
-        )
-        assert code == 201, out
-        lena = out["data"]["id"]
-        agent.wait_for(lambda: k.lookup("lena") is not None, 5, "lena bound")
+        lena = forwarding_connection(agent, k, "lena", dest_port)
         lena_ci = binding_call_id(k, "lena")
         dest, pbx = start_call(tmp_path, k, "lena", dest_port, hold_ms=4000)
         try:
