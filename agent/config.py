@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import json
+import math
 import os
 import re
 import tomllib
@@ -33,6 +34,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.core.policy import PolicySettings
+from agent.worker.limits import MAX_CONNECTIONS, MAX_FORWARDED_CALLS, PJSUA_MAX_ACC, PJSUA_MAX_CALLS
 
 __all__ = [
     "MAX_CONNECTIONS",
@@ -47,21 +49,15 @@ __all__ = [
     "InternalUacSettings",
     "RegistrationKnobs",
     "StoreSettings",
+    "WorkerSettings",
     "load_settings",
     "parse_sip_uri",
 ]
 
-# pjsua2's compile-time PJSUA_MAX_ACC is 8 (the 9th account aborts the process);
-# one account is the agent's own, used for the outgoing leg of forwarded calls.
-PJSUA_MAX_ACC = 8
-MAX_CONNECTIONS = PJSUA_MAX_ACC - 1
-# pjsua2's compile-time PJSUA_MAX_CALLS: the pjsua2-python 2.15.1 wheel caps
-# UaConfig.maxCalls at 4 (measured: the 5th makeCall fails with PJ_ETOOMANY and
-# an INVITE past it gets pjsua's own 486). A bridged call holds two of them
-# (leg A from the PBX, leg B to the destination), so one process bridges at
-# most 2 calls at once.
-PJSUA_MAX_CALLS = 4
-MAX_FORWARDED_CALLS = PJSUA_MAX_CALLS // 2
+# The SIP stack's per-process limits (agent/worker/limits.py): one worker holds
+# MAX_CONNECTIONS (7) registering connections and bridges MAX_FORWARDED_CALLS (2).
+# Ports a worker's RTP slice needs at least: RTP and RTCP for each call slot.
+MIN_RTP_PORTS_PER_WORKER = 2 * PJSUA_MAX_CALLS
 
 _SECRET_FIELDS = {"password", "api_key"}
 _USERPART = r"[A-Za-z0-9._~!$&'()*+,;=%-]+"
@@ -71,6 +67,7 @@ _URI_RE = re.compile(
     r"(?P<params>(?:;[A-Za-z0-9._~!$&'()*+=%-]+(?:=[A-Za-z0-9._~!$&'()*+%:-]*)?)*)$"
 )
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_NAMED = re.compile(r"^(?:connections|[a-z_]+\.[a-z_.]+): ")
 _USER_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=?/%-]{1,128}$")
 
 
@@ -275,6 +272,8 @@ class Connection(_Strict):
 
 
 class SipSettings(_Strict):
+    """Worker k listens on ``port + k`` (UDP, TCP) and ``tls_port + k`` (TLS), k < workers.max_workers."""
+
     bind: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 5070
     tls_port: Annotated[int, Field(ge=1, le=65535)] | None = None
@@ -284,12 +283,13 @@ class SipSettings(_Strict):
     trace: bool = False  # log every SIP message, Authorization values redacted
     stack_log_level: Annotated[int, Field(ge=0, le=6)] = 2
     # Media (bridged calls): RTP is bound to rtp_address (default: bind) on ports
-    # from rtp_port upwards (two per call leg: RTP and RTCP).
+    # rtp_port .. rtp_port + rtp_port_range - 1 (two per call leg: RTP and RTCP),
+    # split into one equal slice per worker.
     rtp_address: str | None = None
     rtp_port: Annotated[int, Field(ge=1024, le=65000)] = 40000
-    rtp_port_range: Annotated[int, Field(ge=8, le=20000)] = 1000
-    # Concurrent forwarded calls for the whole agent (a bridged call uses two of
-    # pjsua2's 32 call slots).
+    rtp_port_range: Annotated[int, Field(ge=8, le=25000)] = 10000
+    # Concurrent forwarded calls per worker process (a bridged call uses two of
+    # the stack's 4 call slots per process).
     max_calls: Annotated[int, Field(ge=1, le=MAX_FORWARDED_CALLS)] = MAX_FORWARDED_CALLS
     # What a call over a limit gets: 486 Busy Here, or 503 with Retry-After.
     over_limit_response: Literal[486, 503] = 486
@@ -309,19 +309,6 @@ class SipSettings(_Strict):
     @property
     def effective_rtp_address(self) -> str:
         return self.rtp_address or self.bind
-
-    @model_validator(mode="after")
-    def _ports(self) -> SipSettings:
-        tls = self.tls_port or self.port + 1
-        if tls > 65535:
-            raise ValueError(f"tls_port would be {tls}: set sip.tls_port (1-65535) explicitly")
-        if tls == self.port:
-            raise ValueError("tls_port must differ from port (UDP/TCP and TLS cannot share a port)")
-        return self
-
-    @property
-    def effective_tls_port(self) -> int:
-        return self.tls_port or self.port + 1
 
     @field_validator("tls_ca_file")
     @classmethod
@@ -439,6 +426,44 @@ class StoreSettings(_Strict):
         return v
 
 
+class WorkerSettings(_Strict):
+    """The worker processes that hold the connections (see docs/workers.md)."""
+
+    # Registering connections this agent holds at most (config file and API together).
+    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    # Connections per worker process (the stack holds 7 per process). 7 packs the
+    # most per process (memory); fewer gives each connection more call slots and
+    # more isolation from a crash (docs/workers.md has the measurements).
+    connections_per_worker: Annotated[int, Field(ge=1, le=MAX_CONNECTIONS)] = MAX_CONNECTIONS
+    # Worker processes at most (default: enough for max_connections). Worker k
+    # uses sip.port + k and sip.tls_port + k.
+    max_workers: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    # A worker whose SIP thread answers no ping for this long is killed and replaced.
+    heartbeat_timeout_sec: Annotated[float, Field(ge=2, le=300)] = 15.0
+    # A worker that keeps dying is restarted after 1 s, 2 s, 4 s ... up to this.
+    restart_delay_max_sec: Annotated[float, Field(ge=1, le=3600)] = 60.0
+
+    @property
+    def effective_max_workers(self) -> int:
+        if self.max_workers is not None:
+            return self.max_workers
+        return math.ceil(self.max_connections / self.connections_per_worker)
+
+    @model_validator(mode="after")
+    def _enough(self) -> WorkerSettings:
+        if self.max_workers is None:
+            return self
+        room = self.max_workers * self.connections_per_worker
+        if "max_connections" not in self.model_fields_set:
+            self.max_connections = min(self.max_connections, room)  # as many as the workers hold
+        elif room < self.max_connections:
+            raise ValueError(
+                f"max_workers ({self.max_workers}) x connections_per_worker ({self.connections_per_worker}) "
+                f"cannot hold max_connections ({self.max_connections}): raise max_workers or leave it unset"
+            )
+        return self
+
+
 class LogSettings(_Strict):
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -475,7 +500,34 @@ class AgentSettings(BaseSettings):
     shutdown_timeout_sec: Annotated[float, Field(gt=0, le=60)] = 5.0
     connections: list[Connection] = Field(default_factory=list)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
     _config_path: Path | None = PrivateAttr(default=None)
+
+    # -- worker k's ports -------------------------------------------------------
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers.effective_max_workers
+
+    @property
+    def tls_base_port(self) -> int:
+        """Worker 0's TLS port: ``sip.tls_port``, by default right after the UDP/TCP range."""
+        return self.sip.tls_port or self.sip.port + self.max_workers
+
+    def worker_sip_port(self, k: int) -> int:
+        return self.sip.port + k
+
+    def worker_tls_port(self, k: int) -> int:
+        return self.tls_base_port + k
+
+    @property
+    def rtp_ports_per_worker(self) -> int:
+        return self.sip.rtp_port_range // self.max_workers
+
+    def worker_rtp_ports(self, k: int) -> tuple[int, int]:
+        """(first port, number of ports) of worker k's RTP slice."""
+        n = self.rtp_ports_per_worker
+        return self.sip.rtp_port + k * n, n
 
     @property
     def config_path(self) -> Path | None:
@@ -494,12 +546,51 @@ class AgentSettings(BaseSettings):
         return (init_settings, env_settings, _FileSource(settings_cls))
 
     @model_validator(mode="after")
+    def _ports(self) -> AgentSettings:
+        w = self.max_workers
+        sip_first, tls_first = self.sip.port, self.tls_base_port
+        sip_last, tls_last = sip_first + w - 1, tls_first + w - 1
+        why = f"{w} workers (workers.max_workers), one port each"
+        if sip_last > 65535:
+            raise ValueError(
+                f"sip.port: the workers' UDP/TCP ports {sip_first}-{sip_last} pass 65535 ({why}): "
+                "lower sip.port or workers.max_workers"
+            )
+        if tls_last > 65535:
+            raise ValueError(
+                f"sip.tls_port: the workers' TLS ports {tls_first}-{tls_last} pass 65535 ({why}): "
+                "lower sip.tls_port or workers.max_workers"
+            )
+        if sip_first <= tls_last and tls_first <= sip_last:
+            raise ValueError(
+                f"sip.tls_port: the workers' TLS ports {tls_first}-{tls_last} overlap their UDP/TCP ports "
+                f"{sip_first}-{sip_last} ({why}): set sip.tls_port to {sip_last + 1} or more, or leave it unset"
+            )
+        per = self.rtp_ports_per_worker
+        if per < MIN_RTP_PORTS_PER_WORKER:
+            raise ValueError(
+                f"sip.rtp_port_range: {self.sip.rtp_port_range} ports give each of the {w} workers {per}, "
+                f"and a worker needs {MIN_RTP_PORTS_PER_WORKER} (RTP and RTCP for {PJSUA_MAX_CALLS} call legs): "
+                f"set it to {MIN_RTP_PORTS_PER_WORKER * w} or more"
+            )
+        rtp_first, rtp_last = self.sip.rtp_port, self.sip.rtp_port + self.sip.rtp_port_range - 1
+        if rtp_last > 65535:
+            raise ValueError(f"sip.rtp_port_range: RTP ports {rtp_first}-{rtp_last} pass 65535")
+        for name, (a, b) in (("UDP/TCP", (sip_first, sip_last)), ("TLS", (tls_first, tls_last))):
+            if a <= rtp_last and rtp_first <= b:
+                raise ValueError(
+                    f"sip.rtp_port: RTP ports {rtp_first}-{rtp_last} overlap the workers' {name} ports {a}-{b}"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _connections(self) -> AgentSettings:
         registering = [c for c in self.connections if c.registers]
-        if len(registering) > MAX_CONNECTIONS:
+        limit = self.workers.max_connections
+        if len(registering) > limit:
             raise ValueError(
-                f"{len(registering)} active connections configured, but one agent process can hold at most "
-                f"{MAX_CONNECTIONS} (pjsua2's PJSUA_MAX_ACC): run another agent process for the rest"
+                f"connections: {len(registering)} active connections configured, but this agent holds at most {limit} "
+                "(workers.max_connections)"
             )
         seen: set[str] = set()
         for c in self.connections:
@@ -595,6 +686,9 @@ def format_validation_error(err: ValidationError, data: dict[str, Any] | None) -
         if not secret and isinstance(inp, (str, int, float, bool)) and e["type"] != "missing":
             s = repr(inp)
             shown = f" (got {s if len(s) <= 60 else s[:57] + '...'})"
+        if where == "(top level)" and _NAMED.match(msg):
+            lines.append(f"{msg}{shown}")  # the message names its setting (checks across sections)
+            continue
         lines.append(f"{where}: {msg}{shown}")
     return lines
 

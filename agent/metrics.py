@@ -1,12 +1,23 @@
-"""Prometheus metrics, on a registry the caller passes in (tests use a fresh one)."""
+"""Prometheus metrics, on a registry the caller passes in (tests use a fresh one).
+
+All of them live in the supervisor: workers send what they count as events
+(``agent.ipc.messages``), so one ``/metrics`` covers every connection whichever
+worker holds it, and a restarted worker never resets or double-counts a
+counter. Worker processes' own memory and CPU are read from ``/proc`` at
+scrape time (:class:`WorkerProcessCollector`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from agent.status import ConnectionStatus
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "WorkerProcessCollector", "read_proc"]
 
 _SETUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 32.0, 64.0)
@@ -113,13 +124,79 @@ class Metrics:
             ["connection_id", "reason"],
             registry=registry,
         )
-        self.sip_thread_up = Gauge("uac_agent_sip_thread_up", "1 while the SIP thread runs.", registry=registry)
+        self.sip_thread_up = Gauge(
+            "uac_agent_sip_thread_up", "1 while every worker's SIP thread answers.", registry=registry
+        )
+        self.workers = Gauge("uac_agent_workers", "Worker processes running.", registry=registry)
+        self.worker_up = Gauge(
+            "uac_agent_worker_up",
+            "1 while worker k runs and its SIP thread answers pings.",
+            ["worker"],
+            registry=registry,
+        )
+        self.worker_restarts = Counter(
+            "uac_agent_worker_restarts",
+            "Replacement processes started for worker k after it died or hung.",
+            ["worker"],
+            registry=registry,
+        )
+        self.worker_connections = Gauge(
+            "uac_agent_worker_connections", "Connections placed on worker k.", ["worker"], registry=registry
+        )
+        self.connection_worker = Gauge(
+            "uac_agent_connection_worker_info",
+            "Which worker holds a connection (value is always 1).",
+            ["connection_id", "worker"],
+            registry=registry,
+        )
         self._last_info: dict[str, str] = {}
+        self._placed: dict[str, str] = {}
 
     def observe_response(self, connection_id: str, code: int, duration: float | None) -> None:
         self.attempts.labels(connection_id=connection_id, code=str(code)).inc()
         if duration is not None:
             self.duration.labels(connection_id=connection_id).observe(duration)
+
+    def place(self, connection_id: str, worker: int | None) -> None:
+        """Record which worker holds ``connection_id`` (None: none)."""
+        old = self._placed.get(connection_id)
+        new = None if worker is None else str(worker)
+        if old == new:
+            return
+        if old is not None:
+            self.connection_worker.remove(connection_id, old)
+            del self._placed[connection_id]
+        if new is not None:
+            self.connection_worker.labels(connection_id=connection_id, worker=new).set(1)
+            self._placed[connection_id] = new
+
+    def forget(self, connection_id: str) -> None:
+        """Drop a removed connection's gauges (counters and histograms stay, as Prometheus expects)."""
+        for gauge in (
+            self.registered,
+            self.registration_status,
+            self.last_code,
+            self.expires,
+            self.failures,
+            self.next_action,
+            self.calls_active,
+        ):
+            try:
+                gauge.remove(connection_id)
+            except KeyError:
+                pass
+        for state in ("ACTIVE", "INACTIVE"):
+            try:
+                self.pair_state.remove(connection_id, state)
+            except KeyError:
+                pass
+        last = self._last_info.pop(connection_id, None)
+        if last is not None:
+            try:
+                self.last_info.remove(connection_id, last)
+            except KeyError:
+                pass
+        self.place(connection_id, None)
 
     def publish(self, st: ConnectionStatus) -> None:
         cid = st.connection_id
@@ -141,3 +218,65 @@ class Metrics:
                 self._last_info[cid] = text
             else:
                 self._last_info.pop(cid, None)
+
+
+def read_proc(pid: int) -> tuple[float, int, int] | None:
+    """(CPU seconds, RSS bytes, PSS bytes) of a process, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode()
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            rollup = f.read().decode()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    ticks = _CLK_TCK or 100
+    cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime, every thread
+    rss = pss = 0
+    for line in rollup.splitlines():
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1]) * 1024
+        elif line.startswith("Pss:"):
+            pss = int(line.split()[1]) * 1024
+    return cpu, rss, pss
+
+
+def _clk_tck() -> int:
+    import os
+
+    try:
+        return int(os.sysconf("SC_CLK_TCK"))
+    except (ValueError, OSError):
+        return 100
+
+
+_CLK_TCK = _clk_tck()
+
+
+class WorkerProcessCollector(Collector):
+    """Each worker process's CPU and memory, read from /proc when /metrics is scraped."""
+
+    def __init__(self, workers: Callable[[], Iterable[tuple[int, int]]]) -> None:
+        self._workers = workers  # (index, pid) of running workers
+
+    def collect(self) -> Iterator[Metric]:
+        cpu = CounterMetricFamily(
+            "uac_agent_worker_cpu_seconds", "CPU time of worker k's process (user + system).", labels=["worker"]
+        )
+        rss = GaugeMetricFamily("uac_agent_worker_resident_memory_bytes", "RSS of worker k.", labels=["worker"])
+        pss = GaugeMetricFamily(
+            "uac_agent_worker_pss_bytes",
+            "Proportional set size of worker k (shared pages split among the processes sharing them).",
+            labels=["worker"],
+        )
+        for index, pid in self._workers():
+            got = read_proc(pid)
+            if got is None:
+                continue
+            k = str(index)
+            cpu.add_metric([k], got[0])
+            rss.add_metric([k], got[1])
+            pss.add_metric([k], got[2])
+        yield cpu
+        yield rss
+        yield pss

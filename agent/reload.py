@@ -9,7 +9,7 @@ Rules
   Call-ID. Added ones are added, removed ones unregistered and removed, changed
   ones applied (the SIP thread re-registers only if the registration changed).
 * ``defaults`` (registration knobs) apply live; the other sections (``sip``,
-  ``http``, ``log``, ``store``, ``shutdown_timeout_sec``) need a restart: a
+  ``http``, ``log``, ``store``, ``workers``, ``shutdown_timeout_sec``) need a restart: a
   change there is logged as ``reload_needs_restart`` and the running values stay.
 """
 
@@ -31,7 +31,7 @@ __all__ = [
     "restart_only_changes",
 ]
 
-RESTART_ONLY = ("sip", "http", "log", "store", "shutdown_timeout_sec")
+RESTART_ONLY = ("sip", "http", "log", "store", "workers", "shutdown_timeout_sec")
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,21 @@
 """A connection's status as the product shows it (seed 002 + seed 004 fields).
 
-Built on the SIP thread from the config and the policy snapshot; read by the
-HTTP thread. Immutable, so handing one across threads is safe.
+Built by the supervisor from the config and the policy snapshot the
+connection's worker sent; read by the HTTP threads. Immutable, so handing one
+across threads is safe.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from agent.config import Connection
 from agent.core.policy import PolicySnapshot, RegistrationStatus, RegState
 
-__all__ = ["ConnectionStatus", "build_status", "iso"]
+__all__ = ["ConnectionStatus", "build_status", "inactive_snapshot", "iso", "pending_snapshot", "worker_down_snapshot"]
 
 
 def iso(ts: float | None) -> str | None:
@@ -25,7 +27,7 @@ def iso(ts: float | None) -> str | None:
 @dataclass(frozen=True)
 class ConnectionStatus:
     connection: Connection
-    state: RegState
+    state: str  # the policy's RegState, or WORKER_DOWN while its worker is being replaced
     registered: bool
     registration_status: RegistrationStatus
     registration_status_updated_at: float | None
@@ -40,8 +42,15 @@ class ConnectionStatus:
     next_action: str | None
     next_action_at: float | None
     registered_since: float | None
-    uptime_sec: float | None
     attempts: int
+    worker: int | None = None  # index of the worker process holding it (None: on none)
+    worker_pid: int | None = None
+
+    @property
+    def uptime_sec(self) -> float | None:
+        if self.registered_since is None or not self.registered:
+            return None
+        return max(0.0, time.time() - self.registered_since)
 
     @property
     def connection_id(self) -> str:
@@ -81,7 +90,7 @@ class ConnectionStatus:
             "registration_status_updated_at": iso(self.registration_status_updated_at),
             "last_registered_ip": self.last_registered_ip,
             "sip_registration_details": {
-                "state": self.state.value,
+                "state": self.state,
                 "expires": self.granted_expires,
                 "requested_expires": self.requested_expires,
                 "binding_expires_at": iso(self.binding_expires_at),
@@ -93,14 +102,18 @@ class ConnectionStatus:
                 "auth_retries": self.auth_retries,
                 "attempts": self.attempts,
                 "last_response_code": self.last_response_code,
+                "worker": self.worker,
+                "worker_pid": self.worker_pid,
             },
         }
 
 
-def build_status(conn: Connection, snap: PolicySnapshot) -> ConnectionStatus:
+def build_status(
+    conn: Connection, snap: PolicySnapshot, worker: int | None = None, worker_pid: int | None = None
+) -> ConnectionStatus:
     return ConnectionStatus(
         connection=conn,
-        state=snap.state,
+        state=str(snap.state),
         registered=snap.registered,
         registration_status=snap.registration_status,
         registration_status_updated_at=snap.registration_status_updated_at,
@@ -115,6 +128,61 @@ def build_status(conn: Connection, snap: PolicySnapshot) -> ConnectionStatus:
         next_action=snap.next_action,
         next_action_at=snap.next_action_at,
         registered_since=snap.registered_since,
-        uptime_sec=snap.uptime_sec,
         attempts=snap.attempts,
+        worker=worker,
+        worker_pid=worker_pid,
+    )
+
+
+def _blank(state: RegState, status: RegistrationStatus, expires: int, at: float) -> PolicySnapshot:
+    return PolicySnapshot(
+        state=state,
+        registered=False,
+        registration_status=status,
+        registration_status_updated_at=at,
+        last_registration_response=None,
+        last_response_code=0,
+        last_registered_ip=None,
+        requested_expires=expires,
+        granted_expires=None,
+        binding_expires_at=None,
+        consecutive_failures=0,
+        auth_retries=0,
+        next_action=None,
+        next_action_at=None,
+        registered_since=None,
+        uptime_sec=None,
+        attempts=0,
+    )
+
+
+def inactive_snapshot(conn: Connection, at: float) -> PolicySnapshot:
+    """A connection that keeps no registration (on no worker): Not Applicable."""
+    ext = conn.external_uac_settings
+    return _blank(RegState.DISABLED, RegistrationStatus.NOT_APPLICABLE, ext.expiration_sec if ext else 3600, at)
+
+
+def pending_snapshot(conn: Connection, at: float) -> PolicySnapshot:
+    """A registering connection whose worker has not reported yet."""
+    ext = conn.external_uac_settings
+    return _blank(RegState.WAITING, RegistrationStatus.NOT_REGISTERED, ext.expiration_sec if ext else 3600, at)
+
+
+def worker_down_snapshot(last: PolicySnapshot, text: str, at: float) -> PolicySnapshot:
+    """What is known of a connection whose worker stopped: not registered, and why."""
+    status = RegistrationStatus.FAILED
+    return replace(
+        last,
+        registered=False,
+        registration_status=status,
+        registration_status_updated_at=at
+        if last.registration_status != status
+        else last.registration_status_updated_at,
+        last_registration_response=text,
+        last_response_code=0,
+        binding_expires_at=None,
+        next_action=None,
+        next_action_at=None,
+        registered_since=None,
+        uptime_sec=None,
     )

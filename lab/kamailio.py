@@ -8,6 +8,7 @@ a child process, and reads its location table through ``kamcmd``.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Kamailio", "KamailioConfig", "free_port", "make_test_pki"]
+__all__ = ["Kamailio", "KamailioConfig", "free_port", "free_port_block", "make_test_pki"]
 
 MODULE_DIRS = (
     "/usr/lib/x86_64-linux-gnu/kamailio/modules",
@@ -45,6 +46,23 @@ def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
             continue
         return port
     raise RuntimeError("no free port pair found")
+
+
+def free_port_block(count: int, host: str = "127.0.0.1", low: int = 41000, high: int = 60000) -> int:
+    """The first of ``count`` consecutive ports all free for UDP and TCP (an agent's worker ports)."""
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(low, high - count)
+        try:
+            for p in range(base, base + count):
+                for k in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(socket.AF_INET, k) as s:
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                        s.bind((host, p))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError(f"no block of {count} free ports found")
 
 
 @dataclass

@@ -182,10 +182,11 @@ def build_connection(data: dict[str, Any], settings: AgentSettings) -> Connectio
     return conn
 
 
-def fqdn_for(conn: Connection, settings: AgentSettings) -> str:
+def fqdn_for(conn: Connection, settings: AgentSettings, worker: int | None = None) -> str:
     """host:port of the agent's SIP transport this connection registers from: the
     address in the Contact it registers (which also carries ``;line=<id>``), so
-    where the PBX sends this connection's calls."""
+    where the PBX sends this connection's calls. Worker k has its own ports
+    (``sip.port + k``, ``sip.tls_port + k``); a connection on no worker shows worker 0's."""
     s = settings.sip
     host = s.bind
     if host in ("0.0.0.0", "::"):  # a wildcard bind has no address of its own
@@ -193,7 +194,8 @@ def fqdn_for(conn: Connection, settings: AgentSettings) -> str:
     elif ":" in host:
         host = f"[{host}]"
     ext = conn.external_uac_settings
-    port = s.effective_tls_port if ext is not None and ext.transport == "TLS" else s.port
+    k = worker or 0
+    port = settings.worker_tls_port(k) if ext is not None and ext.transport == "TLS" else settings.worker_sip_port(k)
     return f"{host}:{port}"
 
 
@@ -210,7 +212,7 @@ def resource(rec: Record, status: ConnectionStatus | None, settings: AgentSettin
         "external_uac_settings": public_settings(c.external_uac_settings),
         "internal_uac_settings": public_settings(c.internal_uac_settings),
         "registration": {k: v for k, v in c.registration.model_dump().items() if v is not None},
-        "fqdn": fqdn_for(c, settings),
+        "fqdn": fqdn_for(c, settings, status.worker if status is not None else None),
         "pair_state": c.pair_state,
         "registration_status": int(status.registration_status) if status is not None else 0,
         "registered": status.registered if status is not None else False,

@@ -14,7 +14,7 @@ from pydantic.json_schema import models_json_schema
 
 from agent import __version__
 from agent.api.models import ApiFields
-from agent.config import MAX_CONNECTIONS, ExternalUacSettings, InternalUacSettings, RegistrationKnobs
+from agent.config import ExternalUacSettings, InternalUacSettings, RegistrationKnobs
 
 __all__ = ["build_openapi"]
 
@@ -333,7 +333,7 @@ def build_openapi() -> dict[str, Any]:
                     "201": ok("Created. password is included once when it was generated.", "ConnectionResponse")
                     | {"links": links},
                     "403": err("user_id names another user than the key's."),
-                    "409": err(f"More than {MAX_CONNECTIONS} registering connections, or the store is full."),
+                    "409": err("More registering connections than workers.max_connections, or the store is full."),
                     "503": err("The SIP thread or the store is unavailable; nothing was changed."),
                     **body_errors,
                     **common,

@@ -9,7 +9,7 @@ Rules
   (422), ownership (403), the connection limit (409). Then it is written to the
   store in one transaction, then applied on the SIP thread; a change the SIP
   stack refuses is undone in the store.
-* One change at a time (a lock); reads never wait for the SIP thread.
+* One change at a time (a lock); reads never wait for the workers.
 * A DELETE unregisters first and forgets the row only after that, so an
   acknowledged delete is durable and an interrupted one leaves the connection.
 """
@@ -40,7 +40,7 @@ from agent.api.models import (
     merge_patch,
     secret_document,
 )
-from agent.config import MAX_CONNECTIONS, PJSUA_MAX_ACC, AgentSettings, Connection
+from agent.config import AgentSettings, Connection
 from agent.http.keys import ApiKeys
 from agent.reload import (
     RELOADABLE_FIELDS,
@@ -50,9 +50,9 @@ from agent.reload import (
     diff_connections,
     restart_only_changes,
 )
-from agent.sip.engine import ConnectionLimitError, EngineError, NotRegisteringError, UnknownConnectionError
 from agent.status import ConnectionStatus
 from agent.store import ConnectionStore, StoredConnection, StoreError
+from agent.supervisor.errors import ConnectionLimitError, EngineError, NotRegisteringError, UnknownConnectionError
 
 __all__ = ["MAX_STORED", "ConnectionService", "Engine"]
 
@@ -67,15 +67,14 @@ class Engine(Protocol):
     def remove_connection(self, connection_id: str) -> Future[Any]: ...
     def register_now(self, connection_id: str) -> Future[Any]: ...
     def unregister_now(self, connection_id: str) -> Future[Any]: ...
-    def replace_settings(self, settings: AgentSettings) -> Future[Any]: ...
+    def replace_settings(self, settings: AgentSettings) -> None: ...
     def statuses(self) -> Mapping[str, ConnectionStatus]: ...
 
 
-def _limit_detail(running: int) -> str:
+def _limit_detail(running: int, limit: int) -> str:
     return (
-        f"this agent already runs {running} registering connections, the most one process can hold "
-        f"({MAX_CONNECTIONS}: pjsua2 has {PJSUA_MAX_ACC} accounts per process and one is the agent's own): "
-        "delete or deactivate one (active: false), or run another agent process"
+        f"this agent already runs {running} registering connections, its limit (workers.max_connections = "
+        f"{limit}): delete or deactivate one (active: false), or raise workers.max_connections"
     )
 
 
@@ -119,11 +118,11 @@ class ConnectionService:
                 )
                 continue
             if rec.conn.registers:
-                if registering >= MAX_CONNECTIONS:
+                if registering >= self._limit:
                     self._log.error(
                         "stored_connection_not_started",
                         connection_id=rec.id,
-                        reason=_limit_detail(registering),
+                        reason=_limit_detail(registering, self._limit),
                     )
                     rec = replace(rec, running=False)
                 else:
@@ -210,11 +209,17 @@ class ConnectionService:
     def _registering(self, exclude: str | None = None) -> int:
         return sum(1 for r in self._records.values() if r.running and r.conn.registers and r.id != exclude)
 
+    @property
+    def _limit(self) -> int:
+        return self._settings.workers.max_connections
+
     def _check_room(self, conn: Connection, was_registering: bool) -> None:
         if conn.registers and not was_registering:
             running = self._registering(exclude=conn.connection_id)
-            if running >= MAX_CONNECTIONS:
-                raise ApiError.one(409, "connection_limit_reached", _limit_detail(running), pointer="/active")
+            if running >= self._limit:
+                raise ApiError.one(
+                    409, "connection_limit_reached", _limit_detail(running, self._limit), pointer="/active"
+                )
 
     def _check_user_name(self, name: str, cid: str) -> None:
         for r in self._records.values():
@@ -449,10 +454,11 @@ class ConnectionService:
                 1 for r in self._records.values() if r.managed_by == "api" and r.running and r.conn.registers
             )
             file_registering = sum(1 for c in new.connections if c.registers)
-            if api_registering + file_registering > MAX_CONNECTIONS:
+            limit = self._settings.workers.max_connections
+            if api_registering + file_registering > limit:
                 problems.append(
                     f"{file_registering} registering connections in the file plus {api_registering} created through "
-                    f"the API would pass the limit of {MAX_CONNECTIONS} per process"
+                    f"the API would pass the limit of {limit} (workers.max_connections)"
                 )
             tls = [
                 c.connection_id
@@ -475,7 +481,7 @@ class ConnectionService:
                 )
                 effective = effective.model_copy(update={"http": http})
             old_settings = self._settings
-            self._wait(engine.replace_settings(effective), "settings", "")
+            engine.replace_settings(effective)
             self._settings = effective
             now = self._now()
             failed: list[str] = []

@@ -400,6 +400,51 @@ class RegistrationPolicy:
     def finished(self) -> bool:
         return self.state in (RegState.STOPPED, RegState.DISABLED) and self._attempt is None
 
+    def next_deadline(self) -> float | None:
+        """Monotonic time by which ``poll()`` must next run; None when only an event can change anything.
+
+        Between now and this time ``poll()`` returns no action and changes nothing
+        but derived views, so the SIP thread may block until then.
+        """
+        times: list[float] = []
+        if self._binding_expires is not None:
+            times.append(self._binding_expires)  # the binding lapses then
+        attempt = self._attempt
+        if attempt is not None:
+            limit = self.settings.unregister_timeout_sec if attempt.unregister else self.settings.register_timeout_sec
+            times.append(attempt.started + limit)  # given up then
+        if self.state in (RegState.WAITING, RegState.REGISTERED, RegState.RETRY_WAIT):
+            if self._stop_requested and self.state != RegState.WAITING:
+                times.append(self.clock.monotonic())  # unregister (or stop) is due now
+            elif self._next_at is not None:
+                times.append(self._next_at)
+        return min(times) if times else None
+
+    def change_key(self) -> tuple[object, ...]:
+        """What a status reader can see, without the values that move with the clock alone.
+
+        Two equal keys mean equal snapshots apart from wall-clock conversions and
+        uptime, so a caller publishes a snapshot only when this key changed.
+        """
+        return (
+            self.state,
+            self.registered,
+            self._update_status(),
+            self._status_updated,
+            self.last_response,
+            self.last_code,
+            self.last_registered_ip,
+            self.requested_expires,
+            self.granted_expires,
+            self._binding_expires,
+            self.failures,
+            self.auth_retries,
+            self._next_kind,
+            self._next_at,
+            self._registered_since,
+            self.attempts,
+        )
+
     @property
     def next_action_in(self) -> float | None:
         if self._next_at is None:

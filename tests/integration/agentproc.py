@@ -14,22 +14,33 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lab.kamailio import free_port
+from lab.kamailio import free_port, free_port_block
 
 API_KEY = "integration-test-key"
+# Worker processes an agent under test may start: worker k listens on sip_port + k
+# (UDP/TCP) and sip_port + MAX_WORKERS + k (TLS).
+MAX_WORKERS = 8
 
 
 class AgentProcess:
     def __init__(self, workdir: Path, connections: list[dict[str, Any]], **sections: Any) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.sip_port = free_port()
+        workers = dict(sections.pop("workers", {}))
+        self.max_workers = int(workers.setdefault("max_workers", MAX_WORKERS))
+        self.sip_port = free_port_block(2 * self.max_workers)
         self.http_port = free_port()
         config: dict[str, Any] = {
-            "sip": {"bind": "127.0.0.1", "port": self.sip_port, "tls_port": self.sip_port + 1},
+            "sip": {
+                "bind": "127.0.0.1",
+                "port": self.sip_port,
+                "tls_port": self.sip_port + self.max_workers,
+                "rtp_port_range": 16 * self.max_workers,
+            },
             "http": {"listen": f"127.0.0.1:{self.http_port}", "api_key": API_KEY},
             "log": {"format": "json", "level": "debug"},
             "defaults": {"initial_delay_max_sec": 0.2},
+            "workers": workers,
             "connections": connections,
         }
         for key, value in sections.items():
@@ -41,6 +52,9 @@ class AgentProcess:
         self.config_path.write_text(json.dumps(config))
         self.log_path = workdir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def sip_port_of(self, worker: int) -> int:
+        return self.sip_port + worker
 
     def start(self, timeout: float = 20.0) -> AgentProcess:
         env = dict(os.environ)
@@ -117,7 +131,24 @@ class AgentProcess:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    def worker_pids(self) -> list[int]:
+        """The supervisor's child processes (its workers) now."""
+        if self.proc is None:
+            return []
+        try:
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
     def kill(self) -> None:
+        """SIGKILL the supervisor and its workers (test teardown: nothing outlives a test)."""
         if self.proc is not None and self.proc.poll() is None:
+            workers = self.worker_pids()
             self.proc.kill()
             self.proc.wait(5)
+            for pid in workers:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass

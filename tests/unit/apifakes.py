@@ -1,16 +1,21 @@
-"""The real SIP thread, service, store and HTTP handling, over a fake SIP stack.
+"""The real supervisor (service, store, HTTP handling, worker pool) and the real
+worker engine, over a fake SIP stack.
 
-``FakeAdapter`` stands in for pjsua2: it records what the engine asks for and
-answers every REGISTER at the next poll (200, or 401 for a password in
-``bad_passwords``), so the API's effect on registrations is observable without
-sockets.
+Workers run as threads (``ThreadLauncher``) that talk to the pool over a real
+socketpair, exactly as worker processes do. ``FakeAdapter`` stands in for
+pjsua2: it records what each worker's engine asks for in one shared
+``FakeStack`` and answers every REGISTER at the next poll (200, or 401 for a
+password in ``bad_passwords``), so the API's effect on registrations is
+observable without sockets to a PBX.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,44 +31,63 @@ from agent.api.handlers import Authenticator, ConnectionsApi
 from agent.api.openapi import build_openapi
 from agent.api.service import ConnectionService
 from agent.config import AgentSettings
-from agent.core.clock import SystemClock
+from agent.core.policy import RegistrationPolicy
 from agent.http.keys import ApiKeys
 from agent.http.server import StatusApi
+from agent.ipc.messages import AccountSpec, StackSettings
 from agent.logs import configure_logging
 from agent.metrics import Metrics
-from agent.sip.engine import SipEngine
-from agent.sip.events import RegResult, SipEvent
-from agent.sip.specs import AccountSpec, StackSettings
 from agent.store import ConnectionStore, resolve_store_path
+from agent.supervisor.launcher import Launched
+from agent.supervisor.pool import WorkerPool
+from agent.worker.engine import WorkerEngine
+from agent.worker.events import RegResult, SipEvent
+from agent.worker.main import serve
 
 KEY = "operator-key-0123456789"
 USER_KEYS = {"tenant-323-key-0123456789": "323", "tenant-999-key-0123456789": "999"}
 
 
-class FakeAdapter:
+class FakeStack:
+    """What every worker's fake SIP stack was asked to do, in order (connection ids are unique)."""
+
     bad_passwords = frozenset({"wrong-password"})
 
-    def __init__(self, sink: Callable[[SipEvent], None]) -> None:
-        self._sink = sink
+    def __init__(self) -> None:
         self.accounts: dict[str, AccountSpec] = {}
         self.sent: list[tuple[str, str, str]] = []  # (connection_id, "register"/"unregister"/"add"/"remove", password)
+        self.lock = threading.Lock()
+
+    def registers(self, key: str) -> int:
+        return sum(1 for k, what, _ in list(self.sent) if k == key and what == "register")
+
+
+class FakeAdapter:
+    def __init__(self, stack: FakeStack, sink: Callable[[SipEvent], None], wake: threading.Event) -> None:
+        self._stack = stack
+        self._sink = sink
+        self._wake = wake
+        self.mine: set[str] = set()
         self._pending: list[SipEvent] = []
         self._lock = threading.Lock()
+        self.crash = False
 
     def start(self, s: StackSettings) -> None:
         pass
 
     @property
-    def account_count(self) -> int:
-        return len(self.accounts)
+    def busy(self) -> bool:
+        return False
 
     def add_account(self, spec: AccountSpec) -> None:
-        if spec.key in self.accounts:
+        if spec.key in self.mine:
             raise RuntimeError(f"connection {spec.key} already has an account")
-        if len(self.accounts) >= 8:
-            raise RuntimeError("at most 8 connections per process")
-        self.accounts[spec.key] = spec
-        self.sent.append((spec.key, "add", spec.password))
+        if len(self.mine) >= 7:
+            raise RuntimeError("at most 7 connections per process")
+        self.mine.add(spec.key)
+        with self._stack.lock:
+            self._stack.accounts[spec.key] = spec
+            self._stack.sent.append((spec.key, "add", spec.password))
 
     def _answer(self, key: str, code: int, reason: str, expiration: int) -> None:
         with self._lock:
@@ -72,37 +96,113 @@ class FakeAdapter:
             )
 
     def register(self, key: str) -> None:
-        spec = self.accounts[key]
-        self.sent.append((key, "register", spec.password))
-        if spec.password in self.bad_passwords:
+        spec = self._stack.accounts[key]
+        with self._stack.lock:
+            self._stack.sent.append((key, "register", spec.password))
+        if spec.password in self._stack.bad_passwords:
             self._answer(key, 401, "Unauthorized", 0)
         else:
             self._answer(key, 200, "OK", spec.expires)
 
     def unregister(self, key: str) -> None:
-        spec = self.accounts[key]
-        self.sent.append((key, "unregister", spec.password))
+        spec = self._stack.accounts[key]
+        with self._stack.lock:
+            self._stack.sent.append((key, "unregister", spec.password))
         self._answer(key, 200, "OK", 0)
 
     def remove_account(self, key: str) -> None:
-        spec = self.accounts.pop(key, None)
-        if spec is not None:
-            self.sent.append((key, "remove", spec.password))
-            with self._lock:
-                self._pending = [e for e in self._pending if getattr(e, "key", None) != key]
+        if key not in self.mine:
+            return
+        self.mine.discard(key)
+        with self._stack.lock:
+            spec = self._stack.accounts.pop(key)
+            self._stack.sent.append((key, "remove", spec.password))
+        with self._lock:
+            self._pending = [e for e in self._pending if getattr(e, "key", None) != key]
 
     def handle_events(self, msec: int) -> None:
-        time.sleep(msec / 1000)
+        if self.crash:
+            raise RuntimeError("the fake SIP stack crashed")
+        with self._lock:
+            idle = not self._pending
+        if idle:
+            self._wake.wait(msec / 1000)
+        self._wake.clear()
         with self._lock:
             events, self._pending = self._pending, []
         for ev in events:
             self._sink(ev)
 
     def shutdown(self) -> None:
-        self.accounts.clear()
+        for key in list(self.mine):
+            self.remove_account(key)
 
-    def registers(self, key: str) -> int:
-        return sum(1 for k, what, _ in self.sent if k == key and what == "register")
+
+class ThreadWorker:
+    """A worker "process" that is a thread of the test process (same protocol, same engine)."""
+
+    def __init__(self, index: int, stack: FakeStack, engines: list[WorkerEngine]) -> None:
+        self.index = index
+        self._parent, self._child = socket.socketpair()
+        self.adapter: FakeAdapter | None = None
+        wake = threading.Event()
+
+        def adapter_factory(sink: Callable[[SipEvent], None]) -> FakeAdapter:
+            self.adapter = FakeAdapter(stack, sink, wake)
+            return self.adapter
+
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(adapter_factory, lambda _b, _p: wake.set, engines),
+            name=f"worker-{index}",
+            daemon=True,
+        )
+        self.status: int | None = None
+        self._thread.start()
+
+    def _run(self, factory: Any, waker: Any, engines: list[WorkerEngine]) -> None:
+        try:
+            self.status = serve(self._child, factory, waker, install_signals=False, on_engine=engines.append)
+        except Exception:
+            self.status = 1
+        finally:
+            self._child.close()
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    @property
+    def sock(self) -> socket.socket:
+        return self._parent
+
+    def poll(self) -> int | None:
+        return None if self._thread.is_alive() else (self.status or 0)
+
+    def wait(self, timeout: float) -> int | None:
+        self._thread.join(timeout)
+        return self.poll()
+
+    def kill(self) -> None:
+        """Crash the worker: its stack fails in the next poll and the thread ends."""
+        if self.adapter is not None:
+            self.adapter.crash = True
+        try:
+            self._child.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class ThreadLauncher:
+    def __init__(self, stack: FakeStack) -> None:
+        self.stack = stack
+        self.workers: list[ThreadWorker] = []
+        self.engines: list[WorkerEngine] = []
+
+    def launch(self, index: int) -> Launched:
+        w = ThreadWorker(index, self.stack, self.engines)
+        self.workers.append(w)
+        return w
 
 
 def settings_for(tmp_path: Path, connections: list[dict[str, Any]] | None = None, **extra: Any) -> AgentSettings:
@@ -118,6 +218,8 @@ def settings_for(tmp_path: Path, connections: list[dict[str, Any]] | None = None
         "shutdown_timeout_sec": 1.0,
         "connections": connections or [],
         "store": {"path": str(tmp_path / "connections.db")},
+        # Small, so the API tests cross worker boundaries: 3 workers of 4, 9 connections at most.
+        "workers": {"max_connections": 9, "connections_per_worker": 4},
     }
     data.update(extra)
     return AgentSettings(**data)
@@ -128,14 +230,28 @@ class Harness:
     settings: AgentSettings
     store: ConnectionStore
     service: ConnectionService
-    engine: SipEngine
+    pool: WorkerPool
     api: StatusApi
     log: io.StringIO
-    adapters: list[FakeAdapter] = field(default_factory=list)
+    launcher: ThreadLauncher
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     @property
-    def adapter(self) -> FakeAdapter:
-        return self.adapters[0]
+    def adapter(self) -> FakeStack:
+        """Every worker's fake stack, as one record."""
+        return self.launcher.stack
+
+    @property
+    def engine(self) -> WorkerPool:
+        return self.pool
+
+    def policy(self, cid: str) -> RegistrationPolicy:
+        """The registration policy running ``cid`` on its worker (read, in a test only)."""
+        for e in self.launcher.engines:
+            c = e._conns.get(cid)
+            if c is not None:
+                return c.policy
+        raise KeyError(cid)
 
     def call(
         self,
@@ -172,40 +288,26 @@ class Harness:
 
 @contextmanager
 def running_agent(settings: AgentSettings) -> Iterator[Harness]:
-    """The agent's pieces as cli.run wires them, with the fake SIP stack."""
+    """The agent's pieces as agent.supervisor.run wires them, workers as threads over a fake SIP stack."""
     stream = io.StringIO()
     previous = structlog.get_config()
     log = configure_logging("json", "debug", stream)
     store = ConnectionStore(resolve_store_path(settings.store.path, settings.config_path, {}))
     service = ConnectionService(settings, store, log)
-    adapters: list[FakeAdapter] = []
-
-    def factory(sink: Callable[[SipEvent], None]) -> FakeAdapter:
-        a = FakeAdapter(sink)
-        adapters.append(a)
-        return a
-
+    launcher = ThreadLauncher(FakeStack())
     registry = CollectorRegistry()
-    engine = SipEngine(
-        service.engine_settings(),
-        Metrics(registry),
-        log,
-        SystemClock(),
-        random.Random(1),
-        adapter_factory=factory,
-        poll_ms=2,
-    )
-    service.attach(engine)
-    engine.start()
+    pool = WorkerPool(service.engine_settings(), launcher, Metrics(registry), log, random.Random(1))
+    service.attach(pool)
+    pool.start(service.engine_settings().connections)
     keys = ApiKeys.from_settings(settings.http)
     service.api_keys = keys
     connections = ConnectionsApi(service, Authenticator(keys), build_openapi, log)
-    api = StatusApi(keys, engine.statuses, lambda: engine.alive, registry, connections=connections)
-    h = Harness(settings, store, service, engine, api, stream, adapters)
+    api = StatusApi(keys, pool.statuses, lambda: pool.alive, registry, connections=connections)
+    h = Harness(settings, store, service, pool, api, stream, launcher, registry)
     try:
         yield h
     finally:
-        engine.stop(2.0)
+        pool.stop(2.0)
         store.close()
         structlog.configure(**previous)
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from agent.config import MAX_CONNECTIONS
 from tests.unit.apifakes import DEST, EXT, KEY, USER_KEYS, Harness, running_agent, settings_for
 
 TENANT = next(k for k, u in USER_KEYS.items() if u == "323")
@@ -379,15 +378,19 @@ def test_actions_unregister_then_register(agent: Harness) -> None:
 
 
 def test_more_connections_than_the_agent_holds_is_a_clear_409(agent: Harness) -> None:
-    made = [registering(agent, connection_name=f"c{i}") for i in range(MAX_CONNECTIONS - 1)]  # + the file's
-    assert len(agent.adapter.accounts) == MAX_CONNECTIONS
+    limit = agent.settings.workers.max_connections  # 9 here, on workers of 4
+    made = [registering(agent, connection_name=f"c{i}") for i in range(limit - 1)]  # + the file's
+    assert len(agent.adapter.accounts) == limit
+    workers = {agent.pool.statuses()[c["id"]].worker for c in made}
+    assert workers == {0, 1, 2}  # 4 + 4 + 1: a new worker only when the others are full
     code, out = agent.call("POST", BASE, {"connection_name": "one too many", "external_uac_settings": EXT})
     assert code == 409, out
     assert out["errors"][0]["code"] == "connection_limit_reached"
-    assert f"the most one process can hold ({MAX_CONNECTIONS}" in out["errors"][0]["detail"]
-    assert len(agent.store.all()) == MAX_CONNECTIONS - 1  # nothing stored
+    assert f"its limit (workers.max_connections = {limit})" in out["errors"][0]["detail"]
+    assert len(agent.store.all()) == limit - 1  # nothing stored
     # An inactive one fits; activating it does not.
     idle = create(agent, external_uac_settings=EXT, active=False)
+    assert agent.pool.statuses()[idle["id"]].worker is None  # it keeps no registration: on no worker
     code, out = agent.call("PATCH", f"{BASE}/{idle['id']}", {"active": True})
     assert code == 409 and out["errors"][0]["code"] == "connection_limit_reached"
     assert agent.status(idle["id"])["active"] is False

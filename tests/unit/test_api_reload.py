@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from agent.config import MAX_CONNECTIONS, Connection, load_settings
+from agent.config import Connection, load_settings
 from agent.reload import diff_connections, reload_from_file
 from tests.unit.apifakes import EXT, KEY, USER_KEYS, Harness, running_agent
+
+# The reload tests run with room for 9 registering connections (3 workers of 4).
+LIMIT = 9
 
 BASE = "/v2/uac_connections"
 
@@ -35,6 +38,7 @@ def write_config(path: Path, connections: list[dict[str, Any]], **extra: Any) ->
         "defaults": {"initial_delay_max_sec": 0.0},
         "shutdown_timeout_sec": 1.0,
         "connections": connections,
+        "workers": {"max_connections": LIMIT, "connections_per_worker": 4},
         **extra,
     }
     path.write_text(json.dumps(data))
@@ -108,8 +112,8 @@ def test_bad_file_on_reload_is_refused_and_the_agent_carries_on(tmp_path: Path) 
         api_id = out["data"]["id"]
         write_config(path, [conn("a", "alice"), conn(api_id, "ivan")])
         assert reload_from_file(path, h.service, h.service._log) is False
-        # More registering connections than one process holds: in the file alone, or with the API's.
-        write_config(path, [conn(f"c{i}", f"user{i}") for i in range(MAX_CONNECTIONS + 1)])
+        # More registering connections than the agent holds: in the file alone, or with the API's.
+        write_config(path, [conn(f"c{i}", f"user{i}") for i in range(LIMIT + 1)])
         assert reload_from_file(path, h.service, h.service._log) is False
         made = [
             h.call("POST", BASE, {"connection_name": f"api {i}", "external_uac_settings": EXT})[1] for i in range(3)
@@ -117,7 +121,7 @@ def test_bad_file_on_reload_is_refused_and_the_agent_carries_on(tmp_path: Path) 
         for m in made:
             h.wait(lambda m=m: h.status(m["data"]["id"])["registered"], what="API connection registered")
         before = list(h.adapter.sent)
-        write_config(path, [conn(f"c{i}", f"user{i}") for i in range(MAX_CONNECTIONS - 2)])
+        write_config(path, [conn(f"c{i}", f"user{i}") for i in range(LIMIT - 2)])
         assert reload_from_file(path, h.service, h.service._log) is False
 
         refused = [json.loads(line) for line in h.log.getvalue().splitlines() if '"reload_refused"' in line]
@@ -125,8 +129,8 @@ def test_bad_file_on_reload_is_refused_and_the_agent_carries_on(tmp_path: Path) 
         assert "transport" in refused[0]["problems"][0] and "SCTP" in refused[0]["problems"][0]
         assert "invalid JSON" in refused[1]["problems"][0]
         assert "created through the API" in refused[2]["problems"][0]
-        assert f"at most {MAX_CONNECTIONS}" in refused[3]["problems"][0]
-        assert f"plus 3 created through the API would pass the limit of {MAX_CONNECTIONS}" in refused[4]["problems"][0]
+        assert f"at most {LIMIT} (workers.max_connections)" in refused[3]["problems"][0]
+        assert f"plus 3 created through the API would pass the limit of {LIMIT}" in refused[4]["problems"][0]
         assert all(r["level"] == "error" for r in refused)
         assert h.adapter.sent == before  # nothing touched
         assert h.status("a")["registered"] is True
@@ -150,8 +154,7 @@ def test_reload_retunes_defaults_live_and_reports_restart_only_sections(tmp_path
         st = h.engine.statuses()["a"]
         assert st.registered
         assert h.service.settings.sip.port == 5070  # the running value stays until a restart
-        c = h.engine._conns["a"]
-        assert c.policy.settings.forbidden_retry_interval_sec == 42
+        assert h.policy("a").settings.forbidden_retry_interval_sec == 42  # on its worker
 
 
 def test_reload_rotates_api_keys_on_every_endpoint(tmp_path: Path) -> None:

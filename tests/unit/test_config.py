@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,15 +164,86 @@ def test_missing_password_is_named_and_secret_never_echoed(tmp_path: Path) -> No
     assert not any("12345" in p for p in problems)
 
 
-def test_too_many_connections_is_a_config_error(tmp_path: Path) -> None:
+def test_connections_up_to_the_host_limit_are_valid(tmp_path: Path) -> None:
     data = json.loads(json.dumps(GOOD))
     base = data["connections"][0]
-    data["connections"] = [dict(base, connection_id=f"c{i}") for i in range(7)]
-    assert len(load_settings(write(tmp_path, data)).connections) == 7
-    data["connections"] = [dict(base, connection_id=f"c{i}") for i in range(8)]
+    data["connections"] = [dict(base, connection_id=f"c{i}") for i in range(21)]  # three workers' worth
+    s = load_settings(write(tmp_path, data))
+    assert len(s.connections) == 21
+    assert s.workers.max_connections == 1000 and s.workers.connections_per_worker == 7
+    assert s.max_workers == 143
+    data["workers"] = {"max_connections": 20}
     with pytest.raises(ConfigError) as e:
         load_settings(write(tmp_path, data))
-    assert "at most 7" in str(e.value)
+    assert e.value.problems == [
+        "connections: 21 active connections configured, but this agent holds at most 20 (workers.max_connections)"
+    ]
+
+
+def test_worker_ports_follow_the_worker_index(tmp_path: Path) -> None:
+    data = json.loads(json.dumps(GOOD))
+    data["workers"] = {"max_workers": 10, "connections_per_worker": 3}
+    s = load_settings(write(tmp_path, data))
+    assert s.workers.max_connections == 30  # what 10 workers of 3 hold, when not set
+    assert [s.worker_sip_port(k) for k in (0, 9)] == [5070, 5079]
+    assert [s.worker_tls_port(k) for k in (0, 9)] == [5080, 5089]  # by default right after the UDP/TCP range
+    assert s.worker_rtp_ports(0) == (40000, 1000) and s.worker_rtp_ports(9) == (49000, 1000)
+
+
+@pytest.mark.parametrize(
+    ("sip", "workers", "expected"),
+    [
+        (
+            {"port": 5070, "tls_port": 5071},
+            {"max_workers": 4},
+            "sip.tls_port: the workers' TLS ports 5071-5074 overlap their UDP/TCP ports 5070-5073 "
+            "(4 workers (workers.max_workers), one port each): set sip.tls_port to 5074 or more, or leave it unset",
+        ),
+        (
+            {"port": 65500},
+            {},
+            "sip.port: the workers' UDP/TCP ports 65500-65642 pass 65535 (143 workers (workers.max_workers), one "
+            "port each): lower sip.port or workers.max_workers",
+        ),
+        (
+            {"port": 5070, "tls_port": 65530},
+            {"max_workers": 10},
+            "sip.tls_port: the workers' TLS ports 65530-65539 pass 65535 (10 workers (workers.max_workers), one "
+            "port each): lower sip.tls_port or workers.max_workers",
+        ),
+        (
+            {"rtp_port_range": 1000},
+            {},
+            "sip.rtp_port_range: 1000 ports give each of the 143 workers 6, and a worker needs 8 (RTP and RTCP "
+            "for 4 call legs): set it to 1144 or more",
+        ),
+        (
+            {"rtp_port": 5000, "rtp_port_range": 200},
+            {"max_workers": 4},
+            "sip.rtp_port: RTP ports 5000-5199 overlap the workers' UDP/TCP ports 5070-5073",
+        ),
+        (
+            {},
+            {"max_workers": 10, "max_connections": 100},
+            "workers: max_workers (10) x connections_per_worker (7) cannot hold max_connections (100): raise "
+            "max_workers or leave it unset",
+        ),
+        (
+            {},
+            {"connections_per_worker": 8},
+            "workers.connections_per_worker: Input should be less than or equal to 7 (got 8)",
+        ),
+    ],
+)
+def test_worker_ranges_that_do_not_fit_are_refused_with_one_line(
+    tmp_path: Path, sip: dict[str, Any], workers: dict[str, Any], expected: str
+) -> None:
+    data = json.loads(json.dumps(GOOD))
+    data["sip"].update(sip)
+    data["workers"] = workers
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, data))
+    assert e.value.problems == [expected]
 
 
 def test_duplicate_connection_id(tmp_path: Path) -> None:

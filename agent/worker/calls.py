@@ -3,18 +3,19 @@
 The :class:`CallRouter` takes the call events the adapter reports (an INVITE in,
 a leg's state, its media, a DTMF digit), applies the rules of
 :mod:`agent.core.forwarding` and tells the adapter what to send. It never calls
-pjsua2 itself and runs only on the SIP thread (the engine calls it after each
-``handle_events``), so it needs no locks.
+pjsua2 itself and runs only on the worker's SIP thread (the engine calls it
+after each ``handle_events``), so it needs no locks. What it counts goes to the
+supervisor as metric events (``agent.ipc.messages``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config import Connection, SipSettings, parse_sip_uri
 from agent.core.clock import Clock
 from agent.core.forwarding import (
     Action,
@@ -28,11 +29,12 @@ from agent.core.forwarding import (
     line_of,
     source_allowed,
 )
-from agent.metrics import Metrics
-from agent.sip.events import CallDtmf, CallMedia, CallState, IncomingCall
+from agent.ipc.messages import CallCounted, CallsActive, CallSetupTimed, Event, InboundRejected, Route, StackSettings
+from agent.worker.events import CallDtmf, CallMedia, CallState, IncomingCall
 
 __all__ = ["CallRouter", "HostResolver"]
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _RESOLVE_TTL = 300.0
 _RESOLVE_FAIL_TTL = 30.0
 
@@ -91,24 +93,25 @@ class CallRouter:
     def __init__(
         self,
         adapter: Any,
-        sip: SipSettings,
-        connection: Callable[[str], Connection | None],
+        stack: StackSettings,
+        route: Callable[[str], Route | None],
         registrar_ip: Callable[[str], str | None],
-        metrics: Metrics,
+        emit: Callable[[Event], None],
         logger: Any,
         clock: Clock,
         resolver: HostResolver | None = None,
     ) -> None:
         self._adapter = adapter
-        self._sip = sip
-        self._connection = connection
+        self._stack = stack
+        self._route = route
         self._registrar_ip = registrar_ip
-        self._metrics = metrics
+        self._emit = emit
         self._log = logger
         self._clock = clock
         self._resolver = resolver or HostResolver(clock)
         self._by_leg: dict[int, _Forward] = {}
         self._active: dict[str, int] = {}
+        self._cidrs: dict[tuple[str, ...], list[Network]] = {}
 
     # -- counts -------------------------------------------------------------
 
@@ -119,37 +122,50 @@ class CallRouter:
     def active_for(self, connection_id: str) -> int:
         return self._active.get(connection_id, 0)
 
+    @property
+    def busy(self) -> bool:
+        """Calls are being set up or carried (the SIP thread then polls often)."""
+        return bool(self._by_leg)
+
+    def next_deadline(self) -> float | None:
+        """The earliest ring timeout (monotonic), if any."""
+        times = [f.bridge.ring_deadline for f in self._by_leg.values() if f.bridge and f.bridge.ring_deadline]
+        return min(times) if times else None
+
+    def _set_active(self, cid: str, count: int) -> None:
+        self._active[cid] = count
+        self._emit(CallsActive(cid, count))
+
     # -- events -------------------------------------------------------------
 
     def on_incoming(self, ev: IncomingCall) -> None:
         now = self._clock.monotonic()
         source_ip = ev.source.rsplit(":", 1)[0].strip("[]") if ev.source else ""
         line = line_of(ev.request_uri)
-        conn = self._connection(line) if line else None
+        route = self._route(line) if line else None
         base = self._log.bind(call_id_a=ev.call_id, source=ev.source, request_uri=ev.request_uri)
-        if conn is None:
+        if route is None or line is None:
             self._refuse(ev, "", base, 404, "unknown_contact", "no connection registered this Contact")
             return
-        cid = conn.connection_id
+        cid = line
         log = base.bind(connection_id=cid)
-        internal = conn.internal_uac_settings
-        if not source_allowed(source_ip, self._pbx_addresses(conn), internal.allowed_sources):
+        if not source_allowed(source_ip, self._pbx_addresses(cid, route), self._networks(route.allowed_sources)):
             self._refuse(ev, cid, log, 403, "source_not_allowed", f"{source_ip} is not this connection's PBX")
             return
-        dest = internal.destination_sip_uri
-        if dest is None or not conn.active:
-            why = "connection is inactive" if not conn.active else "connection has no destination_uri"
-            self._refuse(ev, cid, log, 404, "no_destination", why)
+        dest = route.destination
+        if dest is None:
+            self._refuse(ev, cid, log, 404, "no_destination", "connection has no destination_uri")
             return
-        limit = internal.max_calls or self._sip.max_calls
-        if self.active_calls >= self._sip.max_calls or self.active_for(cid) >= limit:
+        most = self._stack.max_calls
+        limit = route.max_calls or most
+        if self.active_calls >= most or self.active_for(cid) >= limit:
             why = (
-                f"{self.active_calls} calls active (agent limit {self._sip.max_calls}), "
+                f"{self.active_calls} calls active (worker limit {most}), "
                 f"{self.active_for(cid)} on this connection (limit {limit})"
             )
             self._refuse_over_limit(ev, cid, log, why)
             return
-        if internal.forward_mode == "bridge" and self._adapter.free_call_slots < 1:
+        if route.forward_mode == "bridge" and self._adapter.free_call_slots < 1:
             # legs of ended calls hold pjsua's slots until their BYE or CANCEL completes
             self._refuse_over_limit(ev, cid, log, "no free SIP call slot for leg B (ended calls still closing)")
             return
@@ -159,29 +175,27 @@ class CallRouter:
             call_id_a=ev.call_id,
             started=now,
             log=log,
-            mode=internal.forward_mode,
+            mode=route.forward_mode,
             destination=dest,
         )
         display, user = caller_identity(ev.from_value)
         started = {"mode": fwd.mode, "destination": dest, "caller": user or None, "display_name": display or None}
         self._by_leg[ev.leg] = fwd
-        self._active[cid] = self._active.get(cid, 0) + 1
-        self._metrics.calls_active.labels(connection_id=cid).set(self._active[cid])
+        self._set_active(cid, self._active.get(cid, 0) + 1)
         if fwd.mode == "redirect":
             log.info("call_started", call_id_b=None, **started)
             self._answer_a(fwd, 302, contact=f"<{dest}>")
             fwd.result, fwd.code = CallResult.REDIRECTED, 302
             return
-        fwd.bridge = BridgeCall(started_at=now, ring_timeout_sec=float(internal.ring_timeout_sec))
-        host = self._sip.bind if self._sip.bind not in ("0.0.0.0", "::") else self._sip.effective_rtp_address
+        fwd.bridge = BridgeCall(started_at=now, ring_timeout_sec=float(route.ring_timeout_sec))
+        host = self._stack.bind if self._stack.bind not in ("0.0.0.0", "::") else self._stack.rtp_address
         from_uri = leg_b_from_uri(display, user, host, fallback_user="uac-agent")
         try:
             fwd.leg_b, fwd.call_id_b = self._adapter.make_call(dest, from_uri)
         except Exception as e:
             if getattr(e, "too_many", False):  # no slot after all: busy, as over the limit
                 self._by_leg.pop(ev.leg, None)
-                self._active[cid] -= 1
-                self._metrics.calls_active.labels(connection_id=cid).set(self._active[cid])
+                self._set_active(cid, self._active[cid] - 1)
                 self._refuse_over_limit(ev, cid, log, f"no free SIP call slot for leg B: {e}")
                 return
             log.info("call_started", call_id_b=None, **started)
@@ -272,22 +286,24 @@ class CallRouter:
 
     # -- helpers ------------------------------------------------------------
 
-    def _pbx_addresses(self, conn: Connection) -> set[str]:
+    def _pbx_addresses(self, cid: str, route: Route) -> set[str]:
         out: set[str] = set()
-        ext = conn.external_uac_settings
-        if ext is not None:
-            for uri in (ext.proxy, ext.outbound_proxy):
-                if uri:
-                    host = parse_sip_uri(uri if ":" in uri.split("@")[0] else f"sip:{uri}")["host"]
-                    out |= self._resolver.addresses(host)
-        seen = self._registrar_ip(conn.connection_id)
+        for host in route.pbx_hosts:
+            out |= self._resolver.addresses(host)
+        seen = self._registrar_ip(cid)
         if seen:
             out.add(seen)
         return out
 
+    def _networks(self, cidrs: tuple[str, ...]) -> list[Network]:
+        nets = self._cidrs.get(cidrs)
+        if nets is None:
+            nets = self._cidrs[cidrs] = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+        return nets
+
     def _refuse_over_limit(self, ev: IncomingCall, cid: str, log: Any, why: str) -> None:
-        code = self._sip.over_limit_response
-        retry = self._sip.over_limit_retry_after_sec if code == 503 else None
+        code = self._stack.over_limit_response
+        retry = self._stack.over_limit_retry_after_sec if code == 503 else None
         self._refuse(ev, cid, log, code, "over_limit", why, retry_after=retry)
 
     def _refuse(
@@ -300,9 +316,9 @@ class CallRouter:
         detail: str,
         retry_after: int | None = None,
     ) -> None:
-        self._metrics.inbound_rejected.labels(connection_id=cid, reason=reason).inc()
+        self._emit(InboundRejected(cid, reason))
         if cid:
-            self._metrics.calls.labels(connection_id=cid, result=CallResult.REJECTED.value).inc()
+            self._emit(CallCounted(cid, CallResult.REJECTED.value))
         log.warning("call_rejected", reason=reason, code=code, detail=detail)
         try:
             self._adapter.answer(ev.leg, code, retry_after=retry_after)
@@ -318,7 +334,7 @@ class CallRouter:
         if code >= 200 and not fwd.setup_observed:
             fwd.setup_observed = True
             setup = self._clock.monotonic() - fwd.started
-            self._metrics.call_setup.labels(connection_id=fwd.connection_id).observe(setup)
+            self._emit(CallSetupTimed(fwd.connection_id, setup))
             fwd.log.debug("call_setup", code=code, setup_ms=round(setup * 1000, 1))
 
     def _apply(self, fwd: _Forward, actions: list[Action], cause: str) -> None:
@@ -349,9 +365,8 @@ class CallRouter:
         result = fwd.result or CallResult.FAILED
         now = self._clock.monotonic()
         cid = fwd.connection_id
-        self._active[cid] = max(0, self._active.get(cid, 0) - 1)
-        self._metrics.calls_active.labels(connection_id=cid).set(self._active[cid])
-        self._metrics.calls.labels(connection_id=cid, result=result.value).inc()
+        self._set_active(cid, max(0, self._active.get(cid, 0) - 1))
+        self._emit(CallCounted(cid, result.value))
         answered_at = bc.answered_at if bc is not None else None
         fwd.log.info(
             "call_ended",

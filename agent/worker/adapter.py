@@ -18,9 +18,9 @@ from typing import Any
 
 import pjsua2 as pj
 
-from agent.config import MAX_CONNECTIONS
 from agent.core.sipmsg import header_values, int_header, redact
-from agent.sip.events import (
+from agent.ipc.messages import AccountSpec, StackSettings
+from agent.worker.events import (
     CallDtmf,
     CallMedia,
     CallState,
@@ -31,7 +31,7 @@ from agent.sip.events import (
     StackLog,
     TransportDown,
 )
-from agent.sip.specs import AccountSpec, StackSettings
+from agent.worker.limits import MAX_CONNECTIONS
 
 __all__ = ["AdapterError", "PjsuaAdapter"]
 
@@ -250,6 +250,10 @@ class PjsuaAdapter:
         self._call_slots = 4
         self._next_leg = 1
         self._media: tuple[str, int, int] = ("127.0.0.1", 40000, 1000)
+        # The null sound device runs a clock thread (50 wake-ups a second) that
+        # bridged audio needs; it is opened for the first bridge and closed once
+        # no call leg is left, so an idle worker has no such thread.
+        self._clock_on = False
 
     def start(self, s: StackSettings) -> None:
         ep = _Endpoint(self._sink)
@@ -288,7 +292,7 @@ class PjsuaAdapter:
         self._media = (s.rtp_address, s.rtp_port, s.rtp_port_range)
         try:
             ep.libInit(cfg)
-            ep.audDevManager().setNullDev()
+            ep.audDevManager().setNoDev()
             for name in ("UDP", "TCP"):
                 tc = pj.TransportConfig()
                 tc.boundAddress = s.bind
@@ -301,7 +305,7 @@ class PjsuaAdapter:
                 tc.tlsConfig.method = pj.PJSIP_TLSV1_2_METHOD
                 tc.tlsConfig.verifyServer = s.tls_verify_server
                 if s.tls_ca_file is not None:
-                    tc.tlsConfig.CaListFile = str(s.tls_ca_file)
+                    tc.tlsConfig.CaListFile = s.tls_ca_file
                 self._transport_ids["TLS"] = ep.transportCreate(_TRANSPORTS["TLS"], tc)
             ep.libStart()
             self._forward = self._create_forward_account(s)
@@ -512,6 +516,9 @@ class PjsuaAdapter:
         if ca is None or cb is None or not ca.hasMedia() or not cb.hasMedia():
             return False
         try:
+            if not self._clock_on and self._ep is not None:
+                self._ep.audDevManager().setNullDev()  # the conference bridge's clock
+                self._clock_on = True
             ma, mb = ca.getAudioMedia(-1), cb.getAudioMedia(-1)
             ma.startTransmit(mb)
             mb.startTransmit(ma)
@@ -586,11 +593,22 @@ class PjsuaAdapter:
         except Exception:
             return 0, 0
 
+    @property
+    def busy(self) -> bool:
+        """Call legs exist or are closing (the reaper then needs frequent polls)."""
+        return bool(self._calls or self._closing)
+
     def handle_events(self, msec: int) -> None:
         if self._ep is not None:
             self._ep.libHandleEvents(msec)
             if self._closing:
                 self._reap()
+            if self._clock_on and not self._calls and not self._closing:
+                try:
+                    self._ep.audDevManager().setNoDev()
+                except Exception as e:
+                    self._sink(StackLog(level=2, message=f"closing the null sound device failed: {_err(e)}"))
+                self._clock_on = False
 
     def str_error(self, status: int) -> str:
         return str(self._ep.utilStrError(status)) if self._ep is not None else str(status)
@@ -618,7 +636,9 @@ class PjsuaAdapter:
         gc.collect()
         if self._ep is not None:
             try:
-                self._ep.libDestroy()
+                # The agent unregisters every account itself before this; without
+                # NO_NETWORK pjsua would wait a further second for unregistrations.
+                self._ep.libDestroy(pj.PJSUA_DESTROY_NO_NETWORK)
             finally:
                 self._ep = None
                 self._writer = None

@@ -1,0 +1,296 @@
+"""Every value that crosses the boundary between the supervisor and a worker process.
+
+The supervisor (``agent/supervisor``) owns the config, the store, the HTTP
+surface and the metrics; each worker (``agent/worker``) owns one pjsua2
+Endpoint and up to ``workers.connections_per_worker`` connections. They talk
+over one stream socket per worker (``agent/ipc/wire.py`` frames these values).
+This module is the whole vocabulary: a reader sees every command and every
+event here, and nothing else crosses.
+
+Plain frozen dataclasses of the standard library (no pydantic, no pjsua2), so a
+worker imports only what it needs. Payload types from the registration policy
+(:class:`~agent.core.policy.PolicySettings`, :class:`~agent.core.policy.PolicySnapshot`)
+travel inside them as they are.
+
+Supervisor -> worker (:data:`Command`)
+    ``Start`` (first, once), ``Apply``, ``Remove``, ``RegisterNow``,
+    ``UnregisterNow``, ``Ping``, ``Shutdown``.
+Worker -> supervisor (:data:`Event`)
+    ``Ready`` or ``StartFailed`` (answer to ``Start``), ``Done`` (answer to each
+    request), ``StateChanged``, the metric events (``RegisterAnswered``,
+    ``FlowLost``, ``CallCounted``, ``CallsActive``, ``CallSetupTimed``,
+    ``InboundRejected``), ``Log``, ``Pong`` and ``Stopped`` (last).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from agent.core.policy import PolicySettings, PolicySnapshot
+
+__all__ = [
+    "AccountSpec",
+    "Apply",
+    "CallCounted",
+    "CallSetupTimed",
+    "CallsActive",
+    "Command",
+    "ConnSpec",
+    "Done",
+    "ErrorKind",
+    "Event",
+    "FlowLost",
+    "InboundRejected",
+    "Log",
+    "Ping",
+    "Pong",
+    "Ready",
+    "RegisterAnswered",
+    "RegisterNow",
+    "Remove",
+    "Route",
+    "Shutdown",
+    "StackSettings",
+    "Start",
+    "StartFailed",
+    "StateChanged",
+    "Stopped",
+    "UnregisterNow",
+]
+
+# -- what a worker is given ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    """One worker's SIP stack: its own ports (``sip.port + k``, ``sip.tls_port + k``) and RTP slice."""
+
+    bind: str
+    port: int
+    tls_port: int
+    tls_ca_file: str | None
+    tls_verify_server: bool
+    user_agent: str
+    log_level: int
+    trace: bool
+    want_tls: bool
+    rtp_address: str = "127.0.0.1"
+    rtp_port: int = 40000
+    rtp_port_range: int = 1000
+    call_slots: int = 4
+    # Forwarded calls this worker bridges at once (each takes two call slots).
+    max_calls: int = 2
+    # What a call over a limit gets: 486, or 503 with Retry-After.
+    over_limit_response: int = 486
+    over_limit_retry_after_sec: int = 5
+
+
+@dataclass(frozen=True)
+class AccountSpec:
+    """The pjsua2 account of a registering connection (``password`` never printed)."""
+
+    key: str
+    id_uri: str
+    registrar_uri: str
+    proxies: tuple[str, ...]
+    transport: str
+    auth_username: str
+    password: str = field(repr=False)
+    expires: int
+    contact_uri_params: str
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a connection's calls from its PBX are forwarded (``internal_uac_settings``)."""
+
+    destination: str | None  # sip: URI, None when the connection has no destination_uri
+    forward_mode: str  # "bridge" or "redirect"
+    allowed_sources: tuple[str, ...]  # CIDRs besides the PBX's own addresses
+    ring_timeout_sec: int
+    max_calls: int | None
+    pbx_hosts: tuple[str, ...]  # hosts of proxy and outbound_proxy (their addresses may call)
+
+
+@dataclass(frozen=True)
+class ConnSpec:
+    """Everything a worker needs to run one registering connection.
+
+    Only connections that keep a registration live on a worker; the supervisor
+    shows the others (inactive, or without ``external_uac_settings``) itself.
+    """
+
+    connection_id: str
+    account: AccountSpec
+    policy: PolicySettings
+    route: Route
+    # Register at once instead of after the start-up stagger (added at runtime, or a worker restart).
+    register_at_once: bool = False
+
+
+# -- supervisor -> worker -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """The first message: start the SIP stack. Answered by ``Ready`` or ``StartFailed``."""
+
+    worker: int  # the worker's index k
+    stack: StackSettings
+    log_level: str  # "debug", "info", "warning", "error": lower lines are not sent
+    shutdown_timeout_sec: float  # unregister deadline when the supervisor is gone
+
+
+@dataclass(frozen=True)
+class Apply:
+    """Add the connection, or bring the running one to ``spec``. ``Done.result``: added/updated/replaced."""
+
+    request: int
+    spec: ConnSpec
+
+
+@dataclass(frozen=True)
+class Remove:
+    """Unregister (waiting for the answer, at most the unregister deadline), then forget."""
+
+    request: int
+    connection_id: str
+
+
+@dataclass(frozen=True)
+class RegisterNow:
+    request: int
+    connection_id: str
+
+
+@dataclass(frozen=True)
+class UnregisterNow:
+    request: int
+    connection_id: str
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Answered with ``Pong`` by the SIP thread itself: proof that it is not stuck."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Unregister every connection within ``deadline_sec``, send ``Stopped``, exit 0."""
+
+    deadline_sec: float
+    reason: str = "shutdown"
+
+
+Command = Start | Apply | Remove | RegisterNow | UnregisterNow | Ping | Shutdown
+
+# -- worker -> supervisor -------------------------------------------------------
+
+ErrorKind = Literal["limit", "unknown", "not_registering", "rejected", "stopping", "failed"]
+
+
+@dataclass(frozen=True)
+class Ready:
+    pid: int
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    error: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The answer to one request: ``error_kind`` None means it was carried out."""
+
+    request: int
+    result: str | None = None
+    error_kind: ErrorKind | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    """A connection's registration state as its policy sees it (sent on every visible change)."""
+
+    connection_id: str
+    snapshot: PolicySnapshot
+
+
+@dataclass(frozen=True)
+class RegisterAnswered:
+    """A final answer to a REGISTER (code 0: none), for ``registration_attempts_total`` and the histogram."""
+
+    connection_id: str
+    code: int
+    duration: float | None
+
+
+@dataclass(frozen=True)
+class FlowLost:
+    transport: str
+
+
+@dataclass(frozen=True)
+class CallCounted:
+    connection_id: str
+    result: str
+
+
+@dataclass(frozen=True)
+class CallsActive:
+    connection_id: str
+    count: int
+
+
+@dataclass(frozen=True)
+class CallSetupTimed:
+    connection_id: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class InboundRejected:
+    connection_id: str  # "" when no connection matched
+    reason: str
+
+
+@dataclass(frozen=True)
+class Log:
+    """One log line; the supervisor adds ``worker`` and writes it to the one log stream."""
+
+    level: str
+    event: str
+    fields: dict[str, object]
+
+
+@dataclass(frozen=True)
+class Pong:
+    seq: int
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The last message: the stack is down. ``unfinished``: connections not unregistered in time."""
+
+    unfinished: tuple[str, ...]
+
+
+Event = (
+    Ready
+    | StartFailed
+    | Done
+    | StateChanged
+    | RegisterAnswered
+    | FlowLost
+    | CallCounted
+    | CallsActive
+    | CallSetupTimed
+    | InboundRejected
+    | Log
+    | Pong
+    | Stopped
+)

@@ -1,0 +1,779 @@
+"""The worker pool: which connection runs on which worker process, and keeping every worker alive.
+
+Rules
+-----
+* Only connections that keep a registration live on a worker; the others
+  (inactive, or without ``external_uac_settings``) are shown by the pool
+  itself as Not Applicable.
+* **Placement.** A connection stays on its worker while it lives. A new one
+  goes to the lowest-numbered worker with room (``connections_per_worker``),
+  else to a new worker at the lowest free index. A worker left with no
+  connection is stopped. At most ``workers.max_connections`` connections are
+  placed: one more is a :class:`ConnectionLimitError`.
+* **Ports.** Worker k listens on ``sip.port + k`` and ``sip.tls_port + k`` and
+  owns slice k of the RTP range; a replacement takes the same index, so the
+  same ports and the same Contact.
+* **Changes** reach only the worker holding the connection, as one request
+  each (``Apply``, ``Remove``, ``RegisterNow``, ``UnregisterNow``) answered by
+  ``Done``. The pool commits a change when the worker confirms it; a worker
+  lost before answering fails the request (:class:`WorkerLostError`) and the
+  committed settings stay. A change to a connection whose worker is being
+  replaced is committed at once and applied by the replacement.
+* **Faults.** A worker that dies (its socket closes) is noticed at once: its
+  connections show ``registered: false`` with the reason, and a replacement
+  is started at once, registering without the start-up stagger. One that keeps
+  dying is restarted after 1 s, 2 s, 4 s ... up to ``restart_delay_max_sec``,
+  and counted. One whose SIP thread answers no ping for
+  ``heartbeat_timeout_sec`` is killed and replaced. Other workers are never
+  touched.
+
+All of the pool's state belongs to one thread running an asyncio loop; other
+threads call the public methods, which hand the work to that loop and return
+a ``concurrent.futures.Future``. Status reads never wait: :meth:`statuses`
+returns an immutable mapping replaced whole after each batch of events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import itertools
+import random
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+from agent.config import AgentSettings, Connection
+from agent.core.policy import PolicySnapshot
+from agent.ipc import messages as m
+from agent.ipc.wire import FrameReader, WireError, encode
+from agent.metrics import Metrics
+from agent.status import (
+    ConnectionStatus,
+    build_status,
+    inactive_snapshot,
+    pending_snapshot,
+    worker_down_snapshot,
+)
+from agent.supervisor.errors import (
+    ConnectionLimitError,
+    EngineError,
+    NotRegisteringError,
+    StackRejectedError,
+    UnknownConnectionError,
+    WorkerLostError,
+)
+from agent.supervisor.launcher import Launched, Launcher, describe_exit
+from agent.supervisor.specs import conn_spec
+
+__all__ = ["WorkerPool"]
+
+T = TypeVar("T")
+
+# A worker that ran this long before dying is restarted at once (its earlier deaths are forgotten).
+STABLE_AFTER_SEC = 60.0
+# How long a new worker may take to answer Start with Ready.
+START_TIMEOUT_SEC = 30.0
+# At start-up, how long a port held by a previous supervisor's workers is waited for.
+BIND_RETRY_SEC = 8.0
+
+
+@dataclass
+class _Worker:
+    index: int
+    state: str = "starting"  # starting, running, retiring, down (replacement pending), gone
+    proc: Launched | None = None
+    writer: asyncio.StreamWriter | None = None
+    pid: int | None = None
+    conns: set[str] = field(default_factory=set)  # placed here, including changes in flight
+    pending: dict[int, tuple[asyncio.Future[m.Done], str | None]] = field(default_factory=dict)
+    started_at: float = 0.0
+    quick_deaths: int = 0  # deaths in a row, each within STABLE_AFTER_SEC of its start
+    last_pong: float = 0.0
+    ping_seq: int = 0
+    ready: asyncio.Future[str | None] | None = None  # None once started; else the start error
+    log: Any = None
+    restart_handle: asyncio.TimerHandle | None = None
+    outbox: list[m.Command] = field(default_factory=list)  # sent once the socket is connected
+    calls: dict[str, int] = field(default_factory=dict)  # calls in progress, by connection (even deleted ones)
+
+
+@dataclass
+class _Placed:
+    conn: Connection  # the committed settings
+    worker: int | None = None  # None: on no worker (it keeps no registration)
+    snapshot: PolicySnapshot | None = None
+    down: str | None = None  # why its worker is not running, while it is not
+    held: bool = False  # unregistered on request: a replacement worker keeps it so
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        launcher: Launcher,
+        metrics: Metrics,
+        logger: Any,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._settings = settings
+        self._launcher = launcher
+        self._metrics = metrics
+        self._log = logger
+        self._rng = rng or random.Random()
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._workers: dict[int, _Worker] = {}
+        self._conns: dict[str, _Placed] = {}
+        self._statuses: Mapping[str, ConnectionStatus] = {}
+        self._dirty: set[str] = set()
+        self._requests = itertools.count(1)
+        self._stopping = False
+        self._starting_up = False
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._ping_task: asyncio.Task[None] | None = None
+
+    # -- other threads -------------------------------------------------------------
+
+    def start(self, connections: Iterable[Connection], timeout: float = START_TIMEOUT_SEC) -> None:
+        """Start the loop thread and a worker for every ``connections_per_worker`` registering
+        connections; return once every worker is up. Raise :class:`EngineError` if one cannot start."""
+        if self._thread is not None:
+            raise EngineError("already started")
+        self._thread = threading.Thread(target=self._loop.run_forever, name="workers", daemon=True)
+        self._thread.start()
+        try:
+            self._call(self._start(list(connections)), timeout + 5)
+        except BaseException:
+            self.stop(2.0)
+            raise
+
+    def apply_connection(self, conn: Connection) -> concurrent.futures.Future[str]:
+        """Add ``conn``, or bring the running connection with its id to it.
+
+        Result: ``"added"``; ``"updated"`` (nothing the registration uses changed:
+        no REGISTER is sent); or ``"replaced"`` (the old binding was unregistered,
+        then the registration re-created).
+        """
+        return self._submit(self._apply(conn))
+
+    def remove_connection(self, connection_id: str) -> concurrent.futures.Future[bool]:
+        """Unregister (waiting for the answer, at most the unregister deadline), then remove."""
+        return self._submit(self._remove(connection_id))
+
+    def register_now(self, connection_id: str) -> concurrent.futures.Future[str]:
+        return self._submit(self._action(connection_id, register=True))
+
+    def unregister_now(self, connection_id: str) -> concurrent.futures.Future[str]:
+        return self._submit(self._action(connection_id, register=False))
+
+    def replace_settings(self, settings: AgentSettings) -> None:
+        """Use ``settings`` (e.g. new ``defaults``) for connections applied from now on."""
+        self._settings = settings
+
+    def statuses(self) -> Mapping[str, ConnectionStatus]:
+        return self._statuses  # replaced whole on the loop thread; never mutated
+
+    @property
+    def alive(self) -> bool:
+        t = self._thread
+        return t is not None and t.is_alive() and not self._loop.is_closed()
+
+    def worker_pids(self) -> list[tuple[int, int]]:
+        """(index, pid) of every worker process that runs now."""
+        return [(w.index, w.pid) for w in list(self._workers.values()) if w.pid is not None and w.state != "gone"]
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Every worker unregisters within ``timeout`` and exits (stragglers are killed); safe twice."""
+        t = self._thread
+        if t is None or not t.is_alive():
+            return
+        try:
+            self._call(self._stop(timeout), timeout + 10)
+        except Exception as e:
+            self._log.error("workers_stop_failed", error=repr(e))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        t.join(5)
+        if not t.is_alive():
+            self._loop.close()
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        if not self.alive:
+            coro.close()
+            fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+            fut.set_exception(EngineError("the agent is not running"))
+            return fut
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        return self._submit(coro).result(timeout)
+
+    # -- start and stop (loop thread) ----------------------------------------------
+
+    async def _start(self, connections: list[Connection]) -> None:
+        self._starting_up = True
+        try:
+            await self._start_all(connections)
+        finally:
+            self._starting_up = False
+
+    async def _start_all(self, connections: list[Connection]) -> None:
+        now = time.time()
+        placed: list[tuple[_Worker, Connection]] = []
+        for conn in connections:
+            cid = conn.connection_id
+            if not conn.registers:
+                self._conns[cid] = _Placed(conn, snapshot=inactive_snapshot(conn, now))
+                self._dirty.add(cid)
+                continue
+            w = self._place(cid, starting=True)
+            self._conns[cid] = _Placed(conn, worker=w.index, snapshot=pending_snapshot(conn, now))
+            self._dirty.add(cid)
+            placed.append((w, conn))
+        for w, conn in placed:
+            self._send_apply(w, conn, at_once=False)
+        self._publish()
+        errors = []
+        for w in list(self._workers.values()):
+            err = await self._until_started(w)
+            if err is not None:
+                errors.append(f"worker {w.index} (SIP port {self._settings.worker_sip_port(w.index)}): {err}")
+        if errors:
+            raise EngineError("; ".join(errors))
+        self._ping_task = self._loop.create_task(self._pinger())
+        self._log.info(
+            "workers_started",
+            workers=len(self._workers),
+            connections=sum(1 for p in self._conns.values() if p.worker is not None),
+        )
+
+    async def _until_started(self, w: _Worker) -> str | None:
+        """Wait for worker ``w`` to start; None once it runs, else why it could not.
+
+        Its ports may still be held for a few seconds by workers of a supervisor
+        that was just killed (they unregister, then exit): a start refused with
+        "Address already in use" is tried again for up to BIND_RETRY_SEC.
+        """
+        give_up = time.monotonic() + BIND_RETRY_SEC
+        while True:
+            assert w.ready is not None
+            try:
+                err = await asyncio.wait_for(asyncio.shield(w.ready), START_TIMEOUT_SEC)
+            except TimeoutError:
+                return f"no answer within {START_TIMEOUT_SEC:.0f} s"
+            if err is None or "already in use" not in err or time.monotonic() >= give_up:
+                return err
+            while w.state != "down":
+                await asyncio.sleep(0.05)  # the failed process exits first
+            w.log.info("worker_start_retry", reason=err, retry_in_sec=0.5)
+            await asyncio.sleep(0.5)
+            self._launch(w)
+            for cid in sorted(w.conns):
+                p = self._conns.get(cid)
+                if p is not None:
+                    self._send_apply(w, p.conn, at_once=False)
+
+    async def _stop(self, timeout: float) -> None:
+        self._stopping = True
+        if self._ping_task is not None:
+            self._ping_task.cancel()
+        for w in self._workers.values():
+            if w.restart_handle is not None:
+                w.restart_handle.cancel()
+            if w.state in ("starting", "running", "retiring"):
+                self._send(w, m.Shutdown(timeout, reason="the agent is stopping"))
+        deadline = time.monotonic() + timeout + 2.0
+        while time.monotonic() < deadline and any(w.state != "gone" and w.proc for w in self._workers.values()):
+            await asyncio.sleep(0.02)
+        for w in self._workers.values():
+            if w.state != "gone" and w.proc is not None:
+                self._log.warning("worker_killed", worker=w.index, reason="did not stop within the deadline")
+                w.proc.kill()
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end and any(w.state != "gone" and w.proc for w in self._workers.values()):
+            await asyncio.sleep(0.02)
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._loop.shutdown_default_executor()
+
+    # -- placement -----------------------------------------------------------------
+
+    def _placed_count(self) -> int:
+        return sum(1 for p in self._conns.values() if p.worker is not None)
+
+    def _place(self, cid: str, starting: bool = False) -> _Worker:
+        per = self._settings.workers.connections_per_worker
+        for k in sorted(self._workers):
+            w = self._workers[k]
+            if w.state in ("starting", "running") and len(w.conns) < per:
+                w.conns.add(cid)
+                self._metrics.worker_connections.labels(worker=str(k)).set(len(w.conns))
+                return w
+        k = next(i for i in itertools.count() if i not in self._workers)
+        if k >= self._settings.max_workers:
+            raise ConnectionLimitError(
+                f"all {self._settings.max_workers} workers (workers.max_workers) are full or being replaced"
+            )
+        w = self._new_worker(k)
+        w.conns.add(cid)
+        self._metrics.worker_connections.labels(worker=str(k)).set(len(w.conns))
+        return w
+
+    def _unplace(self, w: _Worker, cid: str) -> None:
+        w.conns.discard(cid)
+        self._metrics.worker_connections.labels(worker=str(w.index)).set(len(w.conns))
+        self._maybe_retire(w)
+
+    def _maybe_retire(self, w: _Worker) -> None:
+        """Stop a worker left with no connection, once no request and no call is in progress on it."""
+        if w.conns or w.pending or any(w.calls.values()) or w.state not in ("starting", "running"):
+            return
+        w.state = "retiring"
+        w.log.info("worker_retiring", reason="no connection left")
+        self._send(w, m.Shutdown(self._settings.shutdown_timeout_sec, reason="no connection left"))
+
+    # -- workers -------------------------------------------------------------------
+
+    def _new_worker(self, k: int) -> _Worker:
+        w = _Worker(index=k, log=self._log.bind(worker=k))
+        self._workers[k] = w
+        self._launch(w)
+        return w
+
+    def _launch(self, w: _Worker) -> None:
+        """Start (or restart) worker ``w``'s process; ``w.ready`` resolves when it answers Start."""
+        w.state = "starting"
+        w.ready = self._loop.create_future()
+        w.pid = None
+        w.started_at = time.monotonic()
+        w.last_pong = w.started_at
+        s = self._settings
+        k = w.index
+        rtp_first, rtp_count = s.worker_rtp_ports(k)
+        stack = m.StackSettings(
+            bind=s.sip.bind,
+            port=s.worker_sip_port(k),
+            tls_port=s.worker_tls_port(k),
+            tls_ca_file=str(s.sip.tls_ca_file) if s.sip.tls_ca_file is not None else None,
+            tls_verify_server=s.sip.tls_verify_server,
+            user_agent=s.sip.user_agent,
+            log_level=s.sip.stack_log_level,
+            trace=s.sip.trace,
+            want_tls=True,
+            rtp_address=s.sip.effective_rtp_address,
+            rtp_port=rtp_first,
+            rtp_port_range=rtp_count,
+            max_calls=s.sip.max_calls,
+            over_limit_response=s.sip.over_limit_response,
+            over_limit_retry_after_sec=s.sip.over_limit_retry_after_sec,
+        )
+        try:
+            proc = self._launcher.launch(k)
+        except Exception as e:
+            w.log.error("worker_launch_failed", error=str(e))
+            self._track(self._loop.create_task(self._on_exit(w, None, f"could not be started: {e}")))
+            return
+        w.proc = proc
+        w.pid = proc.pid
+        proc.sock.setblocking(False)
+        start = m.Start(worker=k, stack=stack, log_level=s.log.level, shutdown_timeout_sec=s.shutdown_timeout_sec)
+        self._track(self._loop.create_task(self._serve(w, proc, start)))
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, w: _Worker, proc: Launched, start: m.Start) -> None:
+        """Talk to one worker process until its socket closes."""
+        reader, writer = await asyncio.open_connection(sock=proc.sock)
+        w.writer = writer
+        queued, w.outbox = w.outbox, []
+        writer.write(encode([start, *queued]))
+        frames = FrameReader()
+        why: str | None = None
+        watchdog = self._loop.call_later(START_TIMEOUT_SEC, self._start_timeout, w, proc)
+        try:
+            while True:
+                try:
+                    chunk = await reader.read(256 * 1024)
+                except OSError as e:
+                    why = f"socket error: {e.strerror}"
+                    break
+                if not chunk:
+                    break
+                try:
+                    events = frames.feed(chunk)
+                except WireError as e:
+                    why = f"sent a bad frame: {e}"
+                    proc.kill()
+                    break
+                for ev in events:
+                    try:
+                        self._on_event(w, ev)
+                    except Exception as e:  # one bad event must never stop the pool
+                        self._log.error("worker_event_failed", worker=w.index, event=type(ev).__name__, error=repr(e))
+                self._publish()
+        finally:
+            watchdog.cancel()
+            w.writer = None
+            writer.close()
+        await self._on_exit(w, proc, why)
+
+    def _start_timeout(self, w: _Worker, proc: Launched) -> None:
+        if w.proc is proc and w.state == "starting":
+            w.log.error("worker_unresponsive", reason=f"no answer to Start within {START_TIMEOUT_SEC:.0f} s")
+            proc.kill()
+
+    async def _on_exit(self, w: _Worker, proc: Launched | None, why: str | None) -> None:
+        status = None
+        if proc is not None:
+            if why is not None:
+                proc.kill()
+            status = await asyncio.to_thread(proc.wait, 5.0)
+            if status is None:
+                proc.kill()
+                status = await asyncio.to_thread(proc.wait, 5.0)
+            proc.sock.close()
+        reason = why or describe_exit(status)
+        was = w.state
+        w.proc = None
+        w.pid = None
+        w.calls.clear()
+        for fut, _ in w.pending.values():
+            if not fut.done():
+                fut.set_exception(WorkerLostError(f"worker {w.index} stopped ({reason}) before it answered"))
+        w.pending.clear()
+        if w.ready is not None and not w.ready.done():
+            w.ready.set_result(f"stopped before it was ready ({reason})")
+        self._metrics.worker_up.labels(worker=str(w.index)).set(0)
+        if was == "starting" and self._starting_up:
+            w.state = "down"  # _until_started decides whether to try again
+            return
+        if was == "retiring" or self._stopping or not w.conns:
+            w.state = "gone"
+            w.log.info("worker_exited", status=describe_exit(status), reason=why)
+            if not self._stopping and self._workers.get(w.index) is w:
+                del self._workers[w.index]
+                self._metrics.worker_up.remove(str(w.index))
+                self._metrics.worker_connections.remove(str(w.index))
+            self._refresh_worker_metrics()
+            return
+        # Died: its connections are not registered now; a replacement comes.
+        lived = time.monotonic() - w.started_at
+        w.quick_deaths = 1 if lived >= STABLE_AFTER_SEC else w.quick_deaths + 1
+        delay = (
+            0.0
+            if w.quick_deaths <= 1
+            else min(self._settings.workers.restart_delay_max_sec, 2.0 ** (w.quick_deaths - 2))
+        )
+        w.state = "down"
+        text = f"worker {w.index} stopped ({reason}); restarting" + (f" in {delay:.0f} s" if delay else "")
+        now = time.time()
+        for cid in w.conns:
+            p = self._conns.get(cid)
+            if p is None:
+                continue
+            p.down = text
+            p.snapshot = worker_down_snapshot(p.snapshot or pending_snapshot(p.conn, now), text, now)
+            self._metrics.calls_active.labels(connection_id=cid).set(0)
+            self._dirty.add(cid)
+        w.log.error(
+            "worker_died",
+            reason=reason,
+            lived_sec=round(lived, 3),
+            connections=sorted(w.conns),
+            restart_in_sec=delay,
+            deaths_in_a_row=w.quick_deaths,
+        )
+        self._refresh_worker_metrics()
+        self._publish()
+        w.restart_handle = self._loop.call_later(delay, self._restart, w)
+
+    def _restart(self, w: _Worker) -> None:
+        w.restart_handle = None
+        if self._stopping or self._workers.get(w.index) is not w or w.state != "down":
+            return
+        if not w.conns:
+            del self._workers[w.index]
+            return
+        self._metrics.worker_restarts.labels(worker=str(w.index)).inc()
+        w.log.info("worker_restarting", connections=len(w.conns))
+        self._launch(w)
+        for cid in sorted(w.conns):
+            p = self._conns.get(cid)
+            if p is None:
+                continue
+            self._send_apply(w, p.conn, at_once=True)
+            if p.held:
+                self._request(w, functools.partial(m.UnregisterNow, connection_id=cid), cid)
+
+    def _refresh_worker_metrics(self) -> None:
+        running = [w for w in self._workers.values() if w.state == "running"]
+        self._metrics.workers.set(len(running))
+        self._metrics.sip_thread_up.set(
+            1 if all(w.state in ("running", "retiring", "gone") for w in self._workers.values()) else 0
+        )
+
+    async def _pinger(self) -> None:
+        """Ping every running worker; kill one whose SIP thread stays silent past the heartbeat timeout."""
+        timeout = self._settings.workers.heartbeat_timeout_sec
+        period = timeout / 3
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for w in list(self._workers.values()):
+                if w.state != "running" or w.proc is None:
+                    continue
+                if now - w.last_pong > timeout:
+                    w.log.error("worker_unresponsive", reason=f"its SIP thread answered no ping for {timeout:.0f} s")
+                    w.proc.kill()
+                    continue
+                w.ping_seq += 1
+                self._send(w, m.Ping(w.ping_seq))
+
+    # -- messages ------------------------------------------------------------------
+
+    def _send(self, w: _Worker, *msgs: m.Command) -> bool:
+        """Send to ``w`` (queued while its process starts); False when it cannot be reached."""
+        if w.writer is None:
+            if w.state == "starting" and w.proc is not None:
+                w.outbox.extend(msgs)
+                return True
+            return False
+        if w.writer.is_closing():
+            return False
+        w.writer.write(encode(msgs))
+        return True
+
+    def _request(self, w: _Worker, make: Callable[[int], m.Command], cid: str | None) -> asyncio.Future[m.Done]:
+        request = next(self._requests)
+        fut: asyncio.Future[m.Done] = self._loop.create_future()
+        if self._send(w, make(request)):
+            w.pending[request] = (fut, cid)
+        else:
+            fut.set_exception(WorkerLostError(f"worker {w.index} cannot be reached (it is {w.state})"))
+        return fut
+
+    def _send_apply(self, w: _Worker, conn: Connection, at_once: bool) -> asyncio.Future[m.Done]:
+        spec = conn_spec(conn, self._settings, register_at_once=at_once)
+        fut = self._request(w, lambda r: m.Apply(r, spec), conn.connection_id)
+        fut.add_done_callback(functools.partial(self._start_apply_done, cid=conn.connection_id))
+        return fut
+
+    def _start_apply_done(self, fut: asyncio.Future[m.Done], cid: str) -> None:
+        """A failure of an Apply nobody awaits (start-up, restart) is logged and shown."""
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        done = None if exc is not None else fut.result()
+        if done is not None and done.error_kind is None:
+            return
+        p = self._conns.get(cid)
+        error = str(exc) if exc is not None else (done.error if done is not None else "")
+        if p is not None and done is not None:
+            self._log.error("connection_start_failed", connection_id=cid, error=error)
+            p.snapshot = worker_down_snapshot(
+                p.snapshot or pending_snapshot(p.conn, time.time()), f"not started: {error}", time.time()
+            )
+            self._dirty.add(cid)
+            self._publish()
+
+    def _on_event(self, w: _Worker, ev: object) -> None:
+        if isinstance(ev, m.StateChanged):
+            p = self._conns.get(ev.connection_id)
+            if p is not None and p.worker == w.index:
+                p.snapshot = ev.snapshot
+                p.down = None
+                self._dirty.add(ev.connection_id)
+        elif isinstance(ev, m.Log):
+            getattr(w.log, ev.level, w.log.info)(ev.event, **ev.fields)
+        elif isinstance(ev, m.RegisterAnswered):
+            self._metrics.observe_response(ev.connection_id, ev.code, ev.duration)
+        elif isinstance(ev, m.Done):
+            entry = w.pending.pop(ev.request, None)
+            if entry is not None and not entry[0].done():
+                entry[0].set_result(ev)
+            self._maybe_retire(w)
+        elif isinstance(ev, m.Pong):
+            w.last_pong = time.monotonic()
+        elif isinstance(ev, m.CallsActive):
+            w.calls[ev.connection_id] = ev.count
+            if ev.connection_id in self._conns:
+                self._metrics.calls_active.labels(connection_id=ev.connection_id).set(ev.count)
+            self._maybe_retire(w)
+        elif isinstance(ev, m.CallCounted):
+            self._metrics.calls.labels(connection_id=ev.connection_id, result=ev.result).inc()
+        elif isinstance(ev, m.CallSetupTimed):
+            self._metrics.call_setup.labels(connection_id=ev.connection_id).observe(ev.seconds)
+        elif isinstance(ev, m.InboundRejected):
+            self._metrics.inbound_rejected.labels(connection_id=ev.connection_id, reason=ev.reason).inc()
+        elif isinstance(ev, m.FlowLost):
+            self._metrics.flows_lost.labels(transport=ev.transport).inc()
+        elif isinstance(ev, m.Ready):
+            w.state = "running" if w.state == "starting" else w.state
+            w.pid = ev.pid
+            w.last_pong = time.monotonic()
+            if w.ready is not None and not w.ready.done():
+                w.ready.set_result(None)
+            self._metrics.worker_up.labels(worker=str(w.index)).set(1)
+            self._refresh_worker_metrics()
+            for cid in w.conns:
+                self._dirty.add(cid)  # their worker_pid
+        elif isinstance(ev, m.StartFailed):
+            w.log.error("worker_start_failed", error=ev.error)
+            if w.ready is not None and not w.ready.done():
+                w.ready.set_result(ev.error)
+        elif isinstance(ev, m.Stopped):
+            if ev.unfinished:
+                w.log.warning("worker_stopped_with_bindings", still_registered=list(ev.unfinished))
+        else:
+            w.log.warning("worker_event_unknown", event=type(ev).__name__)
+
+    def _publish(self) -> None:
+        """Rebuild the statuses of the connections that changed, then swap the mapping."""
+        if not self._dirty:
+            return
+        statuses = dict(self._statuses)
+        for cid in self._dirty:
+            p = self._conns.get(cid)
+            if p is None:
+                statuses.pop(cid, None)
+                self._metrics.forget(cid)
+                continue
+            snap = p.snapshot or (pending_snapshot(p.conn, time.time()) if p.worker is not None else None)
+            if snap is None:
+                snap = inactive_snapshot(p.conn, time.time())
+            w = self._workers.get(p.worker) if p.worker is not None else None
+            st = build_status(p.conn, snap, p.worker, w.pid if w is not None else None)
+            if p.down is not None:
+                st = replace(st, state="WORKER_DOWN")
+            statuses[cid] = st
+            self._metrics.publish(st)
+            self._metrics.place(cid, p.worker)
+        self._dirty.clear()
+        self._statuses = statuses
+
+    # -- changes (loop thread) -------------------------------------------------------
+
+    def _check(self, done: m.Done) -> str:
+        if done.error_kind is None:
+            return done.result or ""
+        text = done.error or done.error_kind
+        if done.error_kind == "limit":
+            raise ConnectionLimitError(text)
+        if done.error_kind == "unknown":
+            raise UnknownConnectionError(text)
+        if done.error_kind == "not_registering":
+            raise NotRegisteringError(text)
+        if done.error_kind in ("stopping", "failed"):
+            raise EngineError(text)
+        raise StackRejectedError(text)
+
+    def _limit_check(self, cid: str) -> None:
+        limit = self._settings.workers.max_connections
+        placed = self._placed_count()
+        if placed >= limit:
+            raise ConnectionLimitError(
+                f"this agent already runs {placed} registering connections, its limit (workers.max_connections = "
+                f"{limit}): delete or deactivate one (active: false), or raise workers.max_connections"
+            )
+
+    async def _apply(self, conn: Connection) -> str:
+        if self._stopping:
+            raise EngineError("the agent is stopping")
+        cid = conn.connection_id
+        p = self._conns.get(cid)
+        now = time.time()
+        if p is None or p.worker is None:
+            if not conn.registers:
+                self._conns[cid] = _Placed(conn, snapshot=inactive_snapshot(conn, now))
+                self._dirty.add(cid)
+                self._publish()
+                return "added" if p is None else "updated"
+            self._limit_check(cid)
+            w = self._place(cid)
+            old = p
+            self._conns[cid] = _Placed(conn, worker=w.index, snapshot=pending_snapshot(conn, now))
+            self._dirty.add(cid)
+            self._publish()
+            try:
+                done = await self._request(w, lambda r: m.Apply(r, conn_spec(conn, self._settings, True)), cid)
+                result = self._check(done)
+            except BaseException:
+                if self._conns.get(cid) is not None and self._conns[cid].worker == w.index:
+                    if old is None:
+                        del self._conns[cid]
+                    else:
+                        self._conns[cid] = old
+                    self._dirty.add(cid)
+                self._unplace(w, cid)
+                self._publish()
+                raise
+            return result if old is None else "replaced"
+        w = self._workers[p.worker]
+        if w.state == "down":  # committed now; the replacement applies it
+            if conn.registers:
+                p.conn = conn
+            else:
+                self._unplace(w, cid)
+                self._conns[cid] = _Placed(conn, snapshot=inactive_snapshot(conn, now))
+            self._dirty.add(cid)
+            self._publish()
+            return "updated"
+        if not conn.registers:  # deactivated: unregister, leave the worker
+            done = await self._request(w, lambda r: m.Remove(r, cid), cid)
+            self._check(done)
+            self._unplace(w, cid)
+            self._conns[cid] = _Placed(conn, snapshot=inactive_snapshot(conn, time.time()))
+            self._dirty.add(cid)
+            self._publish()
+            return "replaced"
+        done = await self._request(w, lambda r: m.Apply(r, conn_spec(conn, self._settings, True)), cid)
+        result = self._check(done)
+        p.conn = conn
+        p.held = False if result == "replaced" else p.held
+        self._dirty.add(cid)
+        self._publish()
+        return result
+
+    async def _remove(self, cid: str) -> bool:
+        if self._stopping:
+            raise EngineError("the agent is stopping")
+        p = self._conns.get(cid)
+        if p is None:
+            raise UnknownConnectionError(f"no connection {cid}")
+        if p.worker is not None:
+            w = self._workers[p.worker]
+            if w.state != "down":
+                done = await self._request(w, lambda r: m.Remove(r, cid), cid)
+                if done.error_kind not in (None, "unknown"):
+                    self._check(done)
+            self._unplace(w, cid)
+        del self._conns[cid]
+        self._dirty.add(cid)
+        self._publish()
+        return True
+
+    async def _action(self, cid: str, register: bool) -> str:
+        if self._stopping:
+            raise EngineError("the agent is stopping")
+        p = self._conns.get(cid)
+        if p is None:
+            raise UnknownConnectionError(f"no connection {cid}")
+        if p.worker is None:
+            raise NotRegisteringError(f"connection {cid} keeps no registration (inactive or no settings)")
+        w = self._workers[p.worker]
+        if w.state not in ("running", "starting"):
+            raise EngineError(f"worker {w.index}, which holds connection {cid}, is being replaced: try again shortly")
+        if register:
+            done = await self._request(w, lambda r: m.RegisterNow(r, cid), cid)
+        else:
+            done = await self._request(w, lambda r: m.UnregisterNow(r, cid), cid)
+        result = self._check(done)
+        p.held = not register
+        return result

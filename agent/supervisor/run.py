@@ -1,0 +1,116 @@
+"""``uac-agent run``: wire the supervisor together and run it until a signal.
+
+SIGTERM/SIGINT: every worker unregisters within ``shutdown_timeout_sec``, then
+exit 0 (a second signal exits at once, 128 + N). SIGHUP re-reads the config
+file and applies only what changed (``agent/reload.py``), each change reaching
+only the worker that holds the connection.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+from types import FrameType
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+
+from agent import __version__
+from agent.api.handlers import Authenticator, ConnectionsApi
+from agent.api.openapi import build_openapi
+from agent.api.service import ConnectionService
+from agent.config import AgentSettings
+from agent.http.keys import ApiKeys
+from agent.http.server import HttpServer, StatusApi
+from agent.logs import configure_logging
+from agent.metrics import Metrics, WorkerProcessCollector
+from agent.reload import reload_from_file
+from agent.store import ConnectionStore, StoreError, resolve_store_path
+from agent.supervisor.errors import EngineError
+from agent.supervisor.launcher import Launcher, ProcessLauncher
+from agent.supervisor.pool import WorkerPool
+
+__all__ = ["run"]
+
+
+def run(settings: AgentSettings, install_signals: bool = True, launcher: Launcher | None = None) -> int:
+    log = configure_logging(settings.log.format, settings.log.level)
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_* of the supervisor
+    metrics = Metrics(registry, __version__)
+    try:
+        store = ConnectionStore(resolve_store_path(settings.store.path, settings.config_path, os.environ))
+    except StoreError as e:
+        log.error("store_open_failed", error=str(e))
+        return 1
+    service = ConnectionService(settings, store, log)
+    pool = WorkerPool(service.engine_settings(), launcher or ProcessLauncher(), metrics, log, random.Random())
+    registry.register(WorkerProcessCollector(pool.worker_pids))
+    service.attach(pool)
+    stop = threading.Event()
+    reload_requested = threading.Event()
+    signals_seen: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        signals_seen.append(signum)
+        if len(signals_seen) > 1:
+            os._exit(128 + signum)  # second signal: exit at once
+        stop.set()
+
+    def on_hup(_signum: int, _frame: FrameType | None) -> None:
+        reload_requested.set()  # the main loop reloads: nothing else happens in a signal handler
+
+    if install_signals:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, on_hup)
+
+    host, port = settings.http.host_port
+    keys = ApiKeys.from_settings(settings.http)  # one set for every endpoint; reload swaps it
+    service.api_keys = keys
+    connections = ConnectionsApi(service, Authenticator(keys), build_openapi, log)
+    api = StatusApi(keys, pool.statuses, lambda: pool.alive, registry, connections=connections)
+    try:
+        http = HttpServer(host, port, api, log)
+    except OSError as e:
+        log.error("http_listen_failed", listen=settings.http.listen, error=e.strerror)
+        store.close()
+        return 1
+    try:
+        pool.start(service.engine_settings().connections)
+    except EngineError as e:
+        log.error("sip_start_failed", error=str(e))
+        http.stop()
+        store.close()
+        return 1
+    http.start()
+    log.info(
+        "agent_started",
+        version=__version__,
+        pid=os.getpid(),
+        http=f"{host}:{http.port}",
+        sip=f"{settings.sip.bind}:{settings.sip.port}",
+        workers=len(pool.worker_pids()),
+        connections=len(settings.connections),
+        store=store.path,
+    )
+    while not stop.wait(0.5):
+        if reload_requested.is_set():
+            reload_requested.clear()
+            reload_from_file(settings.config_path, service, log)
+        if not pool.alive and not stop.is_set():
+            log.error("worker_pool_died")
+            http.stop()
+            store.close()
+            return 1
+    log.info(
+        "signal_received",
+        signal=signal.Signals(signals_seen[0]).name if signals_seen else None,
+        deadline_sec=settings.shutdown_timeout_sec,
+    )
+    pool.stop(settings.shutdown_timeout_sec)
+    http.stop()
+    store.close()
+    log.info("agent_stopped")
+    return 0

@@ -1,0 +1,3 @@
+from agent.worker.main import main
+
+raise SystemExit(main())
