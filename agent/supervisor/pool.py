@@ -295,6 +295,10 @@ class WorkerPool:
         end = time.monotonic() + 3.0
         while time.monotonic() < end and any(w.state != "gone" and w.proc for w in self._workers.values()):
             await asyncio.sleep(0.02)
+        try:
+            self._launcher.close()
+        except Exception as e:
+            self._log.warning("launcher_close_failed", error=repr(e))
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]
         for t in tasks:
             t.cancel()

@@ -28,7 +28,7 @@ from agent.metrics import Metrics, WorkerProcessCollector
 from agent.reload import reload_from_file
 from agent.store import ConnectionStore, StoreError, resolve_store_path
 from agent.supervisor.errors import EngineError
-from agent.supervisor.launcher import Launcher, ProcessLauncher
+from agent.supervisor.launcher import Launcher, ZygoteLauncher
 from agent.supervisor.pool import WorkerPool
 
 __all__ = ["run"]
@@ -45,7 +45,13 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
         log.error("store_open_failed", error=str(e))
         return 1
     service = ConnectionService(settings, store, log)
-    pool = WorkerPool(service.engine_settings(), launcher or ProcessLauncher(), metrics, log, random.Random())
+    try:
+        launcher = launcher or ZygoteLauncher()
+    except OSError as e:
+        log.error("workers_unavailable", error=str(e))
+        store.close()
+        return 1
+    pool = WorkerPool(service.engine_settings(), launcher, metrics, log, random.Random())
     registry.register(WorkerProcessCollector(pool.worker_pids))
     service.attach(pool)
     stop = threading.Event()

@@ -131,20 +131,31 @@ class AgentProcess:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
-    def worker_pids(self) -> list[int]:
-        """The supervisor's child processes (its workers) now."""
+    def children(self) -> dict[int, str]:
+        """The supervisor's child processes now (its workers and their zygote): pid -> process name."""
         if self.proc is None:
-            return []
-        try:
-            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(p) for p in text.split()]
+            return {}
+        out: dict[int, str] = {}
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
+            try:
+                pids = [int(p) for p in (task / "children").read_text().split()]  # whichever thread adopted it
+            except OSError:
+                continue
+            for pid in pids:
+                try:
+                    out[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+                except OSError:
+                    continue
+        return out
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes now (``uac-worker-K``)."""
+        return sorted(p for p, name in self.children().items() if name.startswith("uac-worker"))
 
     def kill(self) -> None:
         """SIGKILL the supervisor and its workers (test teardown: nothing outlives a test)."""
         if self.proc is not None and self.proc.poll() is None:
-            workers = self.worker_pids()
+            workers = list(self.children())
             self.proc.kill()
             self.proc.wait(5)
             for pid in workers:

@@ -204,6 +204,9 @@ class ThreadLauncher:
         self.workers.append(w)
         return w
 
+    def close(self) -> None:
+        pass
+
 
 def settings_for(tmp_path: Path, connections: list[dict[str, Any]] | None = None, **extra: Any) -> AgentSettings:
     data: dict[str, Any] = {
