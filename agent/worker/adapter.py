@@ -374,6 +374,12 @@ class PjsuaAdapter:
         ac.natConfig.sdpNatRewriteUse = 0
         ac.natConfig.sipStunUse = pj.PJSUA_STUN_USE_DISABLED
         ac.natConfig.mediaStunUse = pj.PJSUA_STUN_USE_DISABLED
+        # A TCP Contact names the worker's listening port (sip.port + k), not the
+        # connection's ephemeral one: a replacement worker registers the same
+        # Contact, so the registrar replaces the binding instead of keeping a dead
+        # one beside it. TLS keeps the connection's port: the agent has no server
+        # certificate, so the PBX must reuse the agent's own connection.
+        ac.natConfig.contactUseSrcPort = spec.transport != "TCP"
         self._media_config(ac)
         acc = _Account(spec.key, self._sink, self._incoming)
         try:

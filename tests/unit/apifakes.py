@@ -54,6 +54,8 @@ class FakeStack:
     bad_passwords = frozenset({"wrong-password"})
 
     def __init__(self) -> None:
+        self.crashing: set[int] = set()  # workers whose stack fails at every poll (a crash loop)
+        self.hanging: set[int] = set()  # workers whose SIP thread blocks (stuck)
         self.accounts: dict[str, AccountSpec] = {}
         self.sent: list[tuple[str, str, str]] = []  # (connection_id, "register"/"unregister"/"add"/"remove", password)
         self.lock = threading.Lock()
@@ -63,7 +65,10 @@ class FakeStack:
 
 
 class FakeAdapter:
-    def __init__(self, stack: FakeStack, sink: Callable[[SipEvent], None], wake: threading.Event) -> None:
+    def __init__(
+        self, stack: FakeStack, sink: Callable[[SipEvent], None], wake: threading.Event, worker: int = 0
+    ) -> None:
+        self.worker = worker
         self._stack = stack
         self._sink = sink
         self._wake = wake
@@ -121,7 +126,9 @@ class FakeAdapter:
             self._pending = [e for e in self._pending if getattr(e, "key", None) != key]
 
     def handle_events(self, msec: int) -> None:
-        if self.crash:
+        while self.worker in self._stack.hanging and not self.crash:
+            time.sleep(0.01)
+        if self.crash or self.worker in self._stack.crashing:
             raise RuntimeError("the fake SIP stack crashed")
         with self._lock:
             idle = not self._pending
@@ -148,7 +155,7 @@ class ThreadWorker:
         wake = threading.Event()
 
         def adapter_factory(sink: Callable[[SipEvent], None]) -> FakeAdapter:
-            self.adapter = FakeAdapter(stack, sink, wake)
+            self.adapter = FakeAdapter(stack, sink, wake, index)
             return self.adapter
 
         self._thread = threading.Thread(

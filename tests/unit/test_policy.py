@@ -495,3 +495,74 @@ def test_stop_of_inactive_connection_keeps_not_applicable() -> None:
     p.stop()
     assert p.snapshot().registration_status is RegistrationStatus.NOT_APPLICABLE
     assert p.finished
+
+
+# -- deadlines: how long the SIP thread may block -----------------------------------
+
+
+def test_next_deadline_is_each_kind_of_due_time() -> None:
+    p, clock = make(initial_delay_max_sec=2.0, register_timeout_sec=40.0, expiration_sec=600)
+    assert p.next_deadline() is None  # not active: only an event can change anything
+    p.activate()
+    assert p.next_deadline() == pytest.approx(clock.monotonic() + (p.next_action_in or 0.0))  # first REGISTER
+    clock.advance(2.0)
+    assert p.poll() is Action.REGISTER
+    assert p.next_deadline() == pytest.approx(clock.monotonic() + 40.0)  # the REGISTER's timeout
+    p.on_response(OK)
+    now = clock.monotonic()
+    assert p.next_deadline() == pytest.approx(now + 570.0)  # the refresh, before the binding's expiry
+    p.stop()
+    assert p.next_deadline() == pytest.approx(now)  # the unregister is due at once
+
+
+def test_binding_expiry_is_a_deadline_while_retries_back_off() -> None:
+    p, clock = make(expiration_sec=60, refresh_margin_sec=30.0, retry_base_sec=600.0)
+    p.activate()
+    assert p.poll() is Action.REGISTER
+    p.on_response(RegisterResponse(code=200, reason="OK", expires=60))
+    clock.advance(30)
+    assert p.poll() is Action.REGISTER
+    p.on_response(RegisterResponse(code=503, reason="Service Unavailable"))
+    expires_at = clock.monotonic() + 30.0
+    assert p.next_deadline() == pytest.approx(expires_at)  # lapses before the retry (300-600 s away)
+    clock.advance(30.0)
+    p.poll()
+    assert p.snapshot().registration_status is RegistrationStatus.EXPIRED
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_poll_before_the_deadline_never_acts(seed: int) -> None:
+    """Blocking until next_deadline() loses nothing: polls in between change nothing visible."""
+    rng = random.Random(seed)
+    p, clock = make(
+        initial_delay_max_sec=rng.choice([0.0, 2.0]),
+        expiration_sec=rng.choice([20, 60, 600]),
+        retry_base_sec=rng.choice([1.0, 30.0]),
+        register_timeout_sec=rng.choice([5.0, 40.0]),
+    )
+    p.activate()
+    answers = [OK, RegisterResponse(code=503, reason="x"), RegisterResponse(code=403, reason="x"), None]
+    for _ in range(30):
+        deadline = p.next_deadline()
+        assert deadline is not None
+        key = p.change_key()
+        if deadline > clock.monotonic():
+            clock.advance((deadline - clock.monotonic()) * rng.random() * 0.99)
+            assert p.poll() is None
+            assert p.change_key() == key
+            clock.advance(deadline - clock.monotonic())
+        action = p.poll()
+        if action is Action.REGISTER:
+            answer = rng.choice(answers)
+            if answer is not None:  # else: no answer, the REGISTER times out at its deadline
+                p.on_response(answer)
+
+
+def test_change_key_ignores_time_alone() -> None:
+    p, clock = registered_policy()
+    key = p.change_key()
+    clock.advance(10)
+    p.poll()
+    assert p.change_key() == key  # uptime and wall-clock views moved; nothing else did
+    p.request_refresh()
+    assert p.change_key() != key  # a refresh due now is visible
