@@ -294,6 +294,9 @@ class SipSettings(_Strict):
     # What a call over a limit gets: 486 Busy Here, or 503 with Retry-After.
     over_limit_response: Literal[486, 503] = 486
     over_limit_retry_after_sec: Annotated[int, Field(ge=1, le=3600)] = 5
+    # A CRLF keep-alive to the registrar every this many seconds, for each UDP
+    # registration, to hold a NAT binding open between refreshes (0: none).
+    udp_keepalive_sec: Annotated[int, Field(ge=0, le=3600)] = 0
 
     @field_validator("bind", "rtp_address")
     @classmethod

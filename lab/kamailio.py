@@ -48,8 +48,12 @@ def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
     raise RuntimeError("no free port pair found")
 
 
-def free_port_block(count: int, host: str = "127.0.0.1", low: int = 41000, high: int = 60000) -> int:
-    """The first of ``count`` consecutive ports all free for UDP and TCP (an agent's worker ports)."""
+def free_port_block(count: int, host: str = "127.0.0.1", low: int = 10000, high: int = 20000) -> int:
+    """The first of ``count`` consecutive ports all free for UDP and TCP (an agent's worker ports).
+
+    Below Linux's ephemeral range (32768-60999), so that no socket another
+    process opens meanwhile (a client's source port) takes one of them.
+    """
     rng = random.Random()
     for _ in range(500):
         base = rng.randrange(low, high - count)

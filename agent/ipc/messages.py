@@ -84,6 +84,8 @@ class StackSettings:
     # What a call over a limit gets: 486, or 503 with Retry-After.
     over_limit_response: int = 486
     over_limit_retry_after_sec: int = 5
+    # CRLF keep-alives to the registrar of each UDP registration (0: none).
+    udp_keepalive_sec: int = 0
 
 
 @dataclass(frozen=True)

@@ -375,6 +375,7 @@ class WorkerPool:
             max_calls=s.sip.max_calls,
             over_limit_response=s.sip.over_limit_response,
             over_limit_retry_after_sec=s.sip.over_limit_retry_after_sec,
+            udp_keepalive_sec=s.sip.udp_keepalive_sec,
         )
         try:
             proc = self._launcher.launch(k)

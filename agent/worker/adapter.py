@@ -254,6 +254,7 @@ class PjsuaAdapter:
         # bridged audio needs; it is opened for the first bridge and closed once
         # no call leg is left, so an idle worker has no such thread.
         self._clock_on = False
+        self._udp_keepalive = 0
 
     def start(self, s: StackSettings) -> None:
         ep = _Endpoint(self._sink)
@@ -294,6 +295,7 @@ class PjsuaAdapter:
         cfg.medConfig.clockRate = 8000  # G.711 bridging without resampling
         cfg.medConfig.sndClockRate = 8000
         self._media = (s.rtp_address, s.rtp_port, s.rtp_port_range)
+        self._udp_keepalive = s.udp_keepalive_sec
         try:
             ep.libInit(cfg)
             ep.audDevManager().setNoDev()
@@ -380,6 +382,9 @@ class PjsuaAdapter:
         # one beside it. TLS keeps the connection's port: the agent has no server
         # certificate, so the PBX must reuse the agent's own connection.
         ac.natConfig.contactUseSrcPort = spec.transport != "TCP"
+        # pjsua would send a CRLF to the registrar every 15 s for each UDP
+        # registration; only on request (sip.udp_keepalive_sec), for a NAT between.
+        ac.natConfig.udpKaIntervalSec = self._udp_keepalive
         self._media_config(ac)
         acc = _Account(spec.key, self._sink, self._incoming)
         try:
