@@ -20,6 +20,7 @@ from agent.status import ConnectionStatus
 __all__ = ["Metrics", "WorkerProcessCollector", "read_proc"]
 
 _SETUP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+_HEARTBEAT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 32.0, 64.0)
 
 
@@ -138,6 +139,12 @@ class Metrics:
             "uac_agent_worker_restarts",
             "Replacement processes started for worker k after it died or hung.",
             ["worker"],
+            registry=registry,
+        )
+        self.worker_heartbeat = Histogram(
+            "uac_agent_worker_heartbeat_seconds",
+            "Supervisor ping to the worker's SIP thread and back: how long a command waits for an idle worker.",
+            buckets=_HEARTBEAT_BUCKETS,
             registry=registry,
         )
         self.worker_connections = Gauge(

@@ -2,9 +2,11 @@
 
 ``python -m lab.demo`` starts Kamailio (digest auth, UDP/TCP/TLS, a test CA),
 writes an agent config for three connections (UDP, TCP, TLS) into ``.lab/``,
-runs ``uac-agent run`` against it, prints the status endpoint's answer for each
-connection once they are registered, then keeps running (status at
-http://127.0.0.1:HTTP_PORT/...) until Ctrl-C. ``--once`` stops after printing.
+one per worker process so that the split shows (worker k on SIP port
+``--sip-port + k``), runs ``uac-agent run`` against it, prints the status
+endpoint's answer for each connection once they are registered, then keeps
+running (status at http://127.0.0.1:HTTP_PORT/...) until Ctrl-C. ``--once``
+stops after printing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lab.kamailio import Kamailio, KamailioConfig, make_test_pki
 ROOT = Path(__file__).resolve().parents[1]
 USERS = {"office-udp": "lab-secret-1", "office-tcp": "lab-secret-2", "office-tls": "lab-secret-3"}
 API_KEY = "lab-api-key"
+MAX_WORKERS = 4
 
 
 def agent_config(lab: Path, pbx_port: int, sip_port: int, http_port: int, ca: Path) -> dict[str, object]:
@@ -48,9 +51,11 @@ def agent_config(lab: Path, pbx_port: int, sip_port: int, http_port: int, ca: Pa
         }
 
     return {
-        "sip": {"bind": "127.0.0.1", "port": sip_port, "tls_port": sip_port + 1, "tls_ca_file": str(ca)},
+        # Worker k: UDP/TCP on sip_port + k, TLS on sip_port + MAX_WORKERS + k.
+        "sip": {"bind": "127.0.0.1", "port": sip_port, "tls_ca_file": str(ca), "rtp_port_range": 200},
         "http": {"listen": f"127.0.0.1:{http_port}", "api_key": API_KEY},
         "log": {"format": "console", "level": "info"},
+        "workers": {"connections_per_worker": 1, "max_workers": MAX_WORKERS},
         "connections": [
             conn("1001", "office-udp", "UDP", f"sip:127.0.0.1:{pbx_port}"),
             conn("1002", "office-tcp", "TCP", f"sip:127.0.0.1:{pbx_port}"),
@@ -73,7 +78,12 @@ def get(url: str) -> tuple[int, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.splitlines()[0] if __doc__ else "")
     ap.add_argument("--pbx-port", type=int, default=15060, help="Kamailio UDP/TCP port (TLS on +1)")
-    ap.add_argument("--sip-port", type=int, default=15070, help="agent UDP/TCP port (TLS on +1)")
+    ap.add_argument(
+        "--sip-port",
+        type=int,
+        default=15070,
+        help=f"agent worker 0's UDP/TCP port (worker k: +k; TLS from +{MAX_WORKERS})",
+    )
     ap.add_argument("--http-port", type=int, default=8080)
     ap.add_argument("--dir", type=Path, default=ROOT / ".lab")
     ap.add_argument("--once", action="store_true", help="stop after printing the status")
@@ -103,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)
         ready, body = get(base + "/readyz")
         print(f"\nGET /readyz -> {ready} {body}")
+        workers: list[str] = []
         for cid in ("1001", "1002", "1003"):
             url = (
                 f"{base}/v2/sip_registration_status?credential_type=uac_third-party_credential"
@@ -111,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             status, text = get(url)
             print(f"\nGET /v2/sip_registration_status connection_id={cid} -> {status}")
             print(json.dumps(json.loads(text), indent=2) if text else "(no answer)")
+            if status == 200:
+                d = json.loads(text)["sip_registration_details"]
+                workers.append(f"  {cid}: worker {d['worker']} (pid {d['worker_pid']}), state {d['state']}")
+        print("\nOne supervisor, one worker process per connection here:")
+        print("\n".join(workers))
         user_list = ", ".join(USERS)
         print(f"\nKamailio bindings (kamcmd ul.lookup) for {user_list}:")
         for user in USERS:

@@ -94,6 +94,7 @@ class _Worker:
     quick_deaths: int = 0  # deaths in a row, each within STABLE_AFTER_SEC of its start
     last_pong: float = 0.0
     ping_seq: int = 0
+    ping_sent: float = 0.0  # monotonic time the last ping left
     ready: asyncio.Future[str | None] | None = None  # None once started; else the start error
     log: Any = None
     restart_handle: asyncio.TimerHandle | None = None
@@ -525,20 +526,26 @@ class WorkerPool:
         )
 
     async def _pinger(self) -> None:
-        """Ping every running worker; kill one whose SIP thread stays silent past the heartbeat timeout."""
+        """Ping every running worker once per heartbeat_timeout/3, spread over that period (no burst);
+        kill one whose SIP thread stays silent past the heartbeat timeout."""
         timeout = self._settings.workers.heartbeat_timeout_sec
         period = timeout / 3
         while True:
-            await asyncio.sleep(period)
-            now = time.monotonic()
-            for w in list(self._workers.values()):
-                if w.state != "running" or w.proc is None:
+            workers = sorted(self._workers)
+            if not workers:
+                await asyncio.sleep(period)
+                continue
+            for k in workers:
+                await asyncio.sleep(period / len(workers))
+                w = self._workers.get(k)
+                if w is None or w.state != "running" or w.proc is None:
                     continue
-                if now - w.last_pong > timeout:
+                if time.monotonic() - w.last_pong > timeout:
                     w.log.error("worker_unresponsive", reason=f"its SIP thread answered no ping for {timeout:.0f} s")
                     w.proc.kill()
                     continue
                 w.ping_seq += 1
+                w.ping_sent = time.monotonic()
                 self._send(w, m.Ping(w.ping_seq))
 
     # -- messages ------------------------------------------------------------------
@@ -606,6 +613,8 @@ class WorkerPool:
             self._maybe_retire(w)
         elif isinstance(ev, m.Pong):
             w.last_pong = time.monotonic()
+            if ev.seq == w.ping_seq and w.ping_sent:
+                self._metrics.worker_heartbeat.observe(w.last_pong - w.ping_sent)
         elif isinstance(ev, m.CallsActive):
             w.calls[ev.connection_id] = ev.count
             if ev.connection_id in self._conns:

@@ -97,6 +97,10 @@ def metric(agent: AgentProcess, name: str) -> float | None:
     return None
 
 
+def attempts_200(agent: AgentProcess, cid: str) -> float:
+    return metric(agent, f'uac_agent_registration_attempts_total{{code="200",connection_id="{cid}"}}') or 0.0
+
+
 def start_agent(
     agent_factory: Callable[..., AgentProcess], k: Kamailio, n: int, **sections: Any
 ) -> tuple[AgentProcess, list[str]]:
@@ -125,6 +129,13 @@ def test_21_file_and_5_api_connections_register_on_4_workers(
     assert sorted(pids.values()) == agent.worker_pids()
     for k, pid in pids.items():
         assert Path(f"/proc/{pid}/comm").read_text().strip() == f"uac-worker-{k}"
+    # What each process has loaded: pjsua2 only in workers, no HTTP/API/store/pydantic in them.
+    assert agent.proc is not None
+    supervisor_maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+    worker_maps = Path(f"/proc/{pids[0]}/maps").read_text()
+    assert "_pjsua2" not in supervisor_maps and "_pjsua2" in worker_maps
+    assert "pydantic_core" in supervisor_maps and "pydantic_core" not in worker_maps
+    assert "_sqlite3" not in worker_maps
     b = kam.lookup("w8") or ""  # f8 lives on worker 1
     assert f"127.0.0.1:{agent.sip_port_of(1)}" in b and ";line=f8" in b
     code, out = call(agent, "GET", f"{BASE}/{ids[-1]}")
@@ -159,6 +170,7 @@ def test_a_killed_worker_is_back_within_5_s_and_no_other_connection_notices(
     user = {cid: f"w{cid[1:]}" for cid in ids}
     call_ids = {cid: binding_call_id(kam, user[cid]) for cid in ids}
     counts = {cid: len(registers(kam, user[cid])) for cid in others}
+    answered = {cid: attempts_200(agent, cid) for cid in ids}
     health: list[int] = []
     stop = threading.Event()
 
@@ -191,6 +203,8 @@ def test_a_killed_worker_is_back_within_5_s_and_no_other_connection_notices(
     assert {c: len(registers(kam, user[c])) for c in others} == counts
     assert health and set(health) == {200}
     assert metric(agent, 'uac_agent_worker_restarts_total{worker="1"}') == 1
+    # Counters live in the supervisor: the restart adds the new 200s, nothing is lost or counted twice.
+    assert {c: attempts_200(agent, c) - answered[c] for c in ids} == {c: 1 if c in on_1 else 0 for c in ids}
     died = [e for e in agent.logs() if e.get("event") == "worker_died"]
     assert len(died) == 1 and died[0]["worker"] == 1 and "SIGKILL" in died[0]["reason"]
     assert sorted(died[0]["connections"]) == sorted(on_1)
