@@ -2,8 +2,16 @@
 #
 # uac-agent image.
 #   docker build -t uac-agent .
-#   docker run --rm -v "$PWD/config.yaml:/etc/uac-agent/config.yaml:ro" \
-#     -p 5070:5070/udp -p 5070:5070/tcp -p 5071:5071/tcp -p 8080:8080 uac-agent
+#   docker run --rm -v "$PWD/config.yaml:/etc/uac-agent/config.yaml:ro" --network host uac-agent
+#
+# The agent is a supervisor and worker processes (docs/workers.md); worker k
+# listens on sip.port + k (UDP, TCP) and sip.tls_port + k (TLS), and bridged
+# calls use the RTP range. With the defaults (143 workers at most) that is
+# 5070-5212 UDP/TCP, 5213-5355 TLS and 40000-49999 UDP: host networking is the
+# simple way; otherwise publish the ranges your config uses, e.g. for
+# workers.max_workers: 4 and sip.rtp_port_range: 200:
+#   -p 5070-5073:5070-5073/udp -p 5070-5073:5070-5073/tcp -p 5074-5077:5074-5077/tcp \
+#   -p 40000-40199:40000-40199/udp -p 8080:8080
 #
 # The config must set sip.bind: 0.0.0.0 and http.listen: 0.0.0.0:8080 (or
 # UAC_AGENT_SIP__BIND / UAC_AGENT_HTTP__LISTEN): the defaults (127.0.0.1) are
@@ -40,10 +48,9 @@ RUN groupadd --system --gid 10001 uac \
     && mkdir -p /etc/uac-agent \
     && install -d -m 0700 -o uac -g uac /var/lib/uac-agent
 
-# 5070 SIP UDP+TCP (sip.port), 5071 SIP TLS (sip.tls_port, default port + 1),
-# 8080 HTTP status/health/metrics (http.listen).
-# SIP, TLS, HTTP, and the RTP range of bridged calls (sip.rtp_port .. + rtp_port_range)
-EXPOSE 5070/udp 5070/tcp 5071/tcp 8080/tcp 40000-40999/udp
+# With the default settings: workers' SIP UDP+TCP (sip.port + k), their TLS
+# (sip.tls_port + k), the RTP range of bridged calls, and HTTP (http.listen).
+EXPOSE 5070-5212/udp 5070-5212/tcp 5213-5355/tcp 40000-49999/udp 8080/tcp
 
 # Connections created through the API: SQLite in $STATE_DIRECTORY (mount a
 # volume to keep them across containers). `docker kill -s HUP` reloads the config.
@@ -52,7 +59,8 @@ VOLUME ["/var/lib/uac-agent"]
 
 USER 10001:10001
 
-# /healthz answers 200 while the SIP thread runs, 503 otherwise; urlopen raises
+# /healthz answers 200 while the supervisor and its worker pool run (a worker
+# being replaced does not make it fail), 503 otherwise; urlopen raises
 # on 503 or a refused connection, so the check exits 1 (with a traceback).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4).status != 200)"]

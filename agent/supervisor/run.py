@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
@@ -34,8 +36,24 @@ from agent.supervisor.pool import WorkerPool
 __all__ = ["run"]
 
 
+def _raise_fd_limit(workers: int, log: Any) -> None:
+    """The supervisor holds a socket per worker: make sure the soft file limit leaves room."""
+    need = 2 * workers + 512
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (ValueError, OSError) as e:
+            log.warning("fd_limit_low", soft=soft, hard=hard, needed=need, error=str(e))
+            return
+        if new < need:
+            log.warning("fd_limit_low", soft=new, hard=hard, needed=need)
+
+
 def run(settings: AgentSettings, install_signals: bool = True, launcher: Launcher | None = None) -> int:
     log = configure_logging(settings.log.format, settings.log.level)
+    _raise_fd_limit(settings.max_workers, log)
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)  # process_* of the supervisor
     metrics = Metrics(registry, __version__)
