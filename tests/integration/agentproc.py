@@ -108,6 +108,17 @@ class AgentProcess:
                 continue
         return out
 
+    def events(self, name: str, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The log lines of event ``name``, once there are at least ``count`` of them.
+
+        Worker lines reach the log through the supervisor, a moment after the SIP
+        messages that caused them: wait for them rather than read at once.
+        """
+        self.wait_for(
+            lambda: sum(1 for e in self.logs() if e.get("event") == name) >= count, timeout, f"{count} {name} lines"
+        )
+        return [e for e in self.logs() if e.get("event") == name]
+
     def raw_log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -349,7 +349,7 @@ def test_a_call_in_progress_carries_on_while_connections_change(
             dest.stop()
         assert len(dest.received_requests("INVITE")) == 1
         assert len(dest.received_requests("BYE")) == 1  # leg B was torn down by the PBX's BYE, not before
-        ended = [e for e in agent.logs() if e.get("event") == "call_ended"]
+        ended = agent.events("call_ended")
         assert len(ended) == 1 and ended[0]["result"] == "answered", ended
         assert len(registers(k, "judy")) == judy_n and binding_call_id(k, "judy") == judy_ci
         assert agent.terminate() == 0
@@ -388,7 +388,7 @@ def test_a_call_carries_on_while_its_own_connection_changes(
             pbx.stop()
             dest.stop()
         assert len(dest.received_requests("BYE")) == 1  # torn down by the PBX's BYE, not before
-        ended = [e for e in agent.logs() if e.get("event") == "call_ended"]
+        ended = agent.events("call_ended")
         assert len(ended) == 1 and ended[0]["result"] == "answered", ended
         assert ended[0]["talk_sec"] >= 3.5, ended
         if change == "re-register":

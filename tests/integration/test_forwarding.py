@@ -168,7 +168,7 @@ def test_answered_calls_are_bridged_and_torn_down(call_lab: Callable[..., CallLa
     wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 20, 10, "20 answered")
     assert metric(lab.agent, "uac_agent_calls_active", connection_id="c-fwd") == 0
     assert metric(lab.agent, "uac_agent_call_setup_seconds_count", connection_id="c-fwd") == 20
-    ended = [e for e in lab.agent.logs() if e.get("event") == "call_ended"]
+    ended = lab.agent.events("call_ended", 20)
     assert len(ended) == 20
     assert all(e["call_id_a"] and e["call_id_b"] and e["result"] == "answered" for e in ended)
 
@@ -235,7 +235,7 @@ def test_destination_failure_code_is_relayed(call_lab: Callable[..., CallLab], c
     finals = [m.status_code for m in pbx.received_responses() if m.cseq_method == "INVITE"]
     assert code in finals and 200 not in finals, finals
     wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result=result) == 1, 10, f"{result} counted")
-    ended = [e for e in lab.agent.logs() if e.get("event") == "call_ended"]
+    ended = lab.agent.events("call_ended")
     assert ended and ended[0]["code"] == code and ended[0]["result"] == result
 
 
@@ -337,7 +337,7 @@ def test_source_not_allowed_gets_403_and_destination_sees_nothing(call_lab: Call
         5,
         "rejection counted",
     )
-    rejected = [e for e in lab.agent.logs() if e.get("event") == "call_rejected"]
+    rejected = lab.agent.events("call_rejected")
     assert rejected[0]["reason"] == "source_not_allowed" and "127.0.0.2" in rejected[0]["source"]
 
 
