@@ -28,23 +28,27 @@ MODULE_DIRS = (
 )
 
 
+def _bindable(host: str, ports: range | tuple[int, ...]) -> bool:
+    """Whether every port in ``ports`` can be bound for both UDP and TCP now."""
+    try:
+        for p in ports:
+            for k in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, k) as s:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    s.bind((host, p))
+    except OSError:
+        return False
+    return True
+
+
 def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
     """A port free for both UDP and TCP, and its +1 for TCP (TLS)."""
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             u.bind((host, 0))
             port = int(u.getsockname()[1])
-        if port > 65000:
-            continue
-        try:
-            for p in (port, port + 1):
-                for k in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                    with socket.socket(socket.AF_INET, k) as s:
-                        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                        s.bind((host, p))
-        except OSError:
-            continue
-        return port
+        if port <= 65000 and _bindable(host, (port, port + 1)):
+            return port
     raise RuntimeError("no free port pair found")
 
 
@@ -57,15 +61,8 @@ def free_port_block(count: int, host: str = "127.0.0.1", low: int = 10000, high:
     rng = random.Random()
     for _ in range(500):
         base = rng.randrange(low, high - count)
-        try:
-            for p in range(base, base + count):
-                for k in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                    with socket.socket(socket.AF_INET, k) as s:
-                        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                        s.bind((host, p))
-        except OSError:
-            continue
-        return base
+        if _bindable(host, range(base, base + count)):
+            return base
     raise RuntimeError(f"no block of {count} free ports found")
 
 
