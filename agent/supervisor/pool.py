@@ -92,7 +92,7 @@ class _Worker:
     pending: dict[int, tuple[asyncio.Future[m.Done], str | None]] = field(default_factory=dict)
     started_at: float = 0.0
     quick_deaths: int = 0  # deaths in a row, each within STABLE_AFTER_SEC of its start
-    last_pong: float = 0.0
+    last_pong: float = 0.0  # monotonic time the worker last sent anything
     ping_seq: int = 0
     ping_sent: float = 0.0  # monotonic time the last ping left
     ready: asyncio.Future[str | None] | None = None  # None once started; else the start error
@@ -418,6 +418,7 @@ class WorkerPool:
                     why = f"sent a bad frame: {e}"
                     proc.kill()
                     break
+                w.last_pong = time.monotonic()  # only the SIP thread sends: any frame shows it is alive
                 for ev in events:
                     try:
                         self._on_event(w, ev)
@@ -540,10 +541,13 @@ class WorkerPool:
                 w = self._workers.get(k)
                 if w is None or w.state != "running" or w.proc is None:
                     continue
-                if time.monotonic() - w.last_pong > timeout:
+                silent = time.monotonic() - w.last_pong
+                if silent > timeout:
                     w.log.error("worker_unresponsive", reason=f"its SIP thread answered no ping for {timeout:.0f} s")
                     w.proc.kill()
                     continue
+                if silent < 0.8 * period:
+                    continue  # it spoke since the last round (states, logs): no ping needed
                 w.ping_seq += 1
                 w.ping_sent = time.monotonic()
                 self._send(w, m.Ping(w.ping_seq))
@@ -612,9 +616,8 @@ class WorkerPool:
                 entry[0].set_result(ev)
             self._maybe_retire(w)
         elif isinstance(ev, m.Pong):
-            w.last_pong = time.monotonic()
             if ev.seq == w.ping_seq and w.ping_sent:
-                self._metrics.worker_heartbeat.observe(w.last_pong - w.ping_sent)
+                self._metrics.worker_heartbeat.observe(time.monotonic() - w.ping_sent)
         elif isinstance(ev, m.CallsActive):
             w.calls[ev.connection_id] = ev.count
             if ev.connection_id in self._conns:

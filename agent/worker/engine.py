@@ -411,7 +411,10 @@ class WorkerEngine:
         old = c.last_state
         c.last_state = key
         if old:
-            c.log.info(
+            # A refresh (REGISTERED -> REGISTERING -> REGISTERED) changes only the
+            # state: debug. A change of registered or registration_status: info.
+            log = c.log.info if old[1:] != key[1:] else c.log.debug
+            log(
                 "state_changed",
                 old_state=str(old[0]),
                 state=p.state.value,
