@@ -442,7 +442,7 @@ class WorkerSettings(_Strict):
     # uses sip.port + k and sip.tls_port + k.
     max_workers: Annotated[int, Field(ge=1, le=10_000)] | None = None
     # A worker whose SIP thread answers no ping for this long is killed and replaced.
-    heartbeat_timeout_sec: Annotated[float, Field(ge=2, le=300)] = 15.0
+    heartbeat_timeout_sec: Annotated[float, Field(ge=2, le=300)] = 30.0
     # A worker that keeps dying is restarted after 1 s, 2 s, 4 s ... up to this.
     restart_delay_max_sec: Annotated[float, Field(ge=1, le=3600)] = 60.0
 

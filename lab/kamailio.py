@@ -19,7 +19,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Kamailio", "KamailioConfig", "free_port", "free_port_block", "make_test_pki"]
+__all__ = [
+    "Kamailio",
+    "KamailioConfig",
+    "free_port",
+    "free_port_block",
+    "kamcmd",
+    "make_test_pki",
+    "start_kamailio_process",
+    "stop_process_group",
+    "wait_until_answering",
+]
 
 MODULE_DIRS = (
     "/usr/lib/x86_64-linux-gnu/kamailio/modules",
@@ -41,13 +51,21 @@ def _bindable(host: str, ports: range | tuple[int, ...]) -> bool:
     return True
 
 
+# Ports this process has handed out: a port is free when picked but bound only later
+# (by a peer or an agent started afterwards), so it is never handed out twice.
+_handed_out: set[int] = set()
+
+
 def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
     """A port free for both UDP and TCP, and its +1 for TCP (TLS)."""
     for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             u.bind((host, 0))
             port = int(u.getsockname()[1])
-        if port <= 65000 and _bindable(host, (port, port + 1)):
+        if port > 65000 or {port, port + 1} & _handed_out:
+            continue
+        if _bindable(host, (port, port + 1)):
+            _handed_out.update((port, port + 1))
             return port
     raise RuntimeError("no free port pair found")
 
@@ -61,7 +79,9 @@ def free_port_block(count: int, host: str = "127.0.0.1", low: int = 10000, high:
     rng = random.Random()
     for _ in range(500):
         base = rng.randrange(low, high - count)
-        if _bindable(host, range(base, base + count)):
+        block = range(base, base + count)
+        if not _handed_out.intersection(block) and _bindable(host, block):
+            _handed_out.update(block)
             return base
     raise RuntimeError(f"no block of {count} free ports found")
 
@@ -213,6 +233,64 @@ require_certificate = no
 """
 
 
+def start_kamailio_process(
+    cfg: Path, rundir: Path, log_path: Path, shm_mib: int = 64, pkg_mib: int = 8
+) -> subprocess.Popen[bytes]:
+    """Check ``cfg``, then run Kamailio in the foreground in a session of its own, logging to ``log_path``."""
+    if shutil.which("kamailio") is None:
+        raise RuntimeError("kamailio is not installed: apt-get install kamailio kamailio-tls-modules")
+    check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f"kamailio config check failed:\n{check.stderr[-3000:]}")
+    with open(log_path, "ab") as log:
+        pidfile = str(rundir / "kamailio.pid")
+        return subprocess.Popen(
+            [
+                *("kamailio", "-DD", "-E", "-f", str(cfg), "-Y", str(rundir), "-P", pidfile, "-w", str(rundir)),
+                *("-m", str(shm_mib), "-M", str(pkg_mib)),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def kamcmd(ctl: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(["kamcmd", "-s", ctl, *args], capture_output=True, text=True, timeout=10)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"kamcmd {' '.join(args)} failed: {res.stderr or res.stdout}")
+    return res
+
+
+def wait_until_answering(
+    proc: subprocess.Popen[bytes], ctl: str, log_path: Path, timeout: float, what: str = "kamailio"
+) -> None:
+    """Return once Kamailio answers on its ctl socket; stop it and raise with its log's tail otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited at start:\n{log_path.read_text()[-3000:]}")
+        if kamcmd(ctl, "core.version", check=False).returncode == 0:
+            return
+        time.sleep(0.05)
+    stop_process_group(proc)
+    raise RuntimeError(f"{what} did not come up:\n{log_path.read_text()[-3000:]}")
+
+
+def stop_process_group(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM to the process group, SIGKILL if it has not exited after 10 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    except ProcessLookupError:
+        proc.wait(5)
+
+
 @dataclass
 class Kamailio:
     """A Kamailio process; ``start()`` waits until it answers on its ctl socket."""
@@ -239,62 +317,15 @@ class Kamailio:
         return path
 
     def start(self, timeout: float = 15.0) -> None:
-        if shutil.which("kamailio") is None:
-            raise RuntimeError("kamailio is not installed: apt-get install kamailio kamailio-tls-modules")
-        cfg = self.write_config()
-        check = subprocess.run(["kamailio", "-c", "-f", str(cfg)], capture_output=True, text=True)
-        if check.returncode != 0:
-            raise RuntimeError(f"kamailio config check failed:\n{check.stderr[-3000:]}")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    "kamailio",
-                    "-DD",
-                    "-E",
-                    "-f",
-                    str(cfg),
-                    "-Y",
-                    str(self.rundir),
-                    "-P",
-                    str(self.rundir / "kamailio.pid"),
-                    "-w",
-                    str(self.rundir),
-                    "-m",
-                    "64",
-                    "-M",
-                    "8",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"kamailio exited at start:\n{self.log_path.read_text()[-3000:]}")
-            if self.rpc("core.version", check=False).returncode == 0:
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"kamailio did not come up:\n{self.log_path.read_text()[-3000:]}")
+        self.proc = start_kamailio_process(self.write_config(), self.rundir, self.log_path)
+        wait_until_answering(self.proc, self.ctl, self.log_path, timeout, "kamailio")
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_process_group(self.proc)
         self.proc = None
 
     def rpc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(["kamcmd", "-s", self.ctl, *args], capture_output=True, text=True, timeout=10)
-        if check and res.returncode != 0:
-            raise RuntimeError(f"kamcmd {' '.join(args)} failed: {res.stderr or res.stdout}")
-        return res
+        return kamcmd(self.ctl, *args, check=check)
 
     def registers(self, user: str) -> list[tuple[float, str, int]]:
         """Every REGISTER Kamailio received for ``user``: (unix time, Call-ID, CSeq)."""

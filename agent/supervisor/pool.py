@@ -39,6 +39,7 @@ import asyncio
 import concurrent.futures
 import functools
 import itertools
+import math
 import random
 import threading
 import time
@@ -77,6 +78,8 @@ T = TypeVar("T")
 STABLE_AFTER_SEC = 60.0
 # How long a new worker may take to answer Start with Ready.
 START_TIMEOUT_SEC = 30.0
+# A heartbeat round is sent in at most this many groups spread over its period.
+PING_GROUPS = 20
 # At start-up, how long a port held by a previous supervisor's workers is waited for.
 BIND_RETRY_SEC = 8.0
 
@@ -186,6 +189,14 @@ class WorkerPool:
     def worker_pids(self) -> list[tuple[int, int]]:
         """(index, pid) of every worker process that runs now."""
         return [(w.index, w.pid) for w in list(self._workers.values()) if w.pid is not None and w.state != "gone"]
+
+    def mark_stopping(self) -> None:
+        """The agent is stopping (safe in a signal handler): workers exiting from now on are not replaced.
+
+        Under systemd's default KillMode every process of the unit gets SIGTERM at
+        once; a worker that exits before :meth:`stop` runs must not look like a crash.
+        """
+        self._stopping = True
 
     def stop(self, timeout: float = 5.0) -> None:
         """Every worker unregisters within ``timeout`` and exits (stragglers are killed); safe twice."""
@@ -527,30 +538,38 @@ class WorkerPool:
         )
 
     async def _pinger(self) -> None:
-        """Ping every running worker once per heartbeat_timeout/3, spread over that period (no burst);
-        kill one whose SIP thread stays silent past the heartbeat timeout."""
+        """Every heartbeat_timeout/3, ping each running worker that has sent nothing since the last
+        round (any frame comes from its SIP thread); kill one silent past the heartbeat timeout.
+
+        A round is spread over the period in at most PING_GROUPS small groups: the supervisor
+        wakes a few times per round, not once per worker, and no burst of pings makes every
+        worker compete for the CPU at once (the round trip stays a single command's wait).
+        """
         timeout = self._settings.workers.heartbeat_timeout_sec
         period = timeout / 3
         while True:
-            workers = sorted(self._workers)
-            if not workers:
-                await asyncio.sleep(period)
-                continue
-            for k in workers:
-                await asyncio.sleep(period / len(workers))
-                w = self._workers.get(k)
-                if w is None or w.state != "running" or w.proc is None:
-                    continue
-                silent = time.monotonic() - w.last_pong
-                if silent > timeout:
-                    w.log.error("worker_unresponsive", reason=f"its SIP thread answered no ping for {timeout:.0f} s")
-                    w.proc.kill()
-                    continue
-                if silent < 0.8 * period:
-                    continue  # it spoke since the last round (states, logs): no ping needed
-                w.ping_seq += 1
-                w.ping_sent = time.monotonic()
-                self._send(w, m.Ping(w.ping_seq))
+            indices = sorted(self._workers)
+            size = max(1, math.ceil(len(indices) / PING_GROUPS))
+            groups = [indices[i : i + size] for i in range(0, len(indices), size)] or [[]]
+            for group in groups:
+                await asyncio.sleep(period / len(groups))
+                now = time.monotonic()
+                for k in group:
+                    w = self._workers.get(k)
+                    if w is None or w.state != "running" or w.proc is None:
+                        continue
+                    silent = now - w.last_pong
+                    if silent > timeout:
+                        w.log.error(
+                            "worker_unresponsive", reason=f"its SIP thread answered no ping for {timeout:.0f} s"
+                        )
+                        w.proc.kill()
+                        continue
+                    if silent < 0.8 * period:
+                        continue  # it spoke since the last round (states, logs): no ping needed
+                    w.ping_seq += 1
+                    w.ping_sent = now
+                    self._send(w, m.Ping(w.ping_seq))
 
     # -- messages ------------------------------------------------------------------
 

@@ -74,16 +74,20 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
     service.attach(pool)
     stop = threading.Event()
     reload_requested = threading.Event()
+    wake = threading.Event()  # set by the signal handlers: the main loop sleeps otherwise
     signals_seen: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         signals_seen.append(signum)
         if len(signals_seen) > 1:
             os._exit(128 + signum)  # second signal: exit at once
+        pool.mark_stopping()
         stop.set()
+        wake.set()
 
     def on_hup(_signum: int, _frame: FrameType | None) -> None:
         reload_requested.set()  # the main loop reloads: nothing else happens in a signal handler
+        wake.set()
 
     if install_signals:
         signal.signal(signal.SIGTERM, on_signal)
@@ -119,7 +123,11 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
         connections=len(settings.connections),
         store=store.path,
     )
-    while not stop.wait(0.5):
+    while True:
+        wake.wait(5.0)  # a signal wakes it at once; else it checks the pool every 5 s
+        wake.clear()
+        if stop.is_set():
+            break
         if reload_requested.is_set():
             reload_requested.clear()
             reload_from_file(settings.config_path, service, log)
