@@ -40,7 +40,6 @@ import concurrent.futures
 import functools
 import itertools
 import math
-import random
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -121,13 +120,11 @@ class WorkerPool:
         launcher: Launcher,
         metrics: Metrics,
         logger: Any,
-        rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
         self._launcher = launcher
         self._metrics = metrics
         self._log = logger
-        self._rng = rng or random.Random()
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._workers: dict[int, _Worker] = {}

@@ -9,7 +9,6 @@ only the worker that holds the connection.
 from __future__ import annotations
 
 import os
-import random
 import resource
 import signal
 import threading
@@ -69,7 +68,7 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
         log.error("workers_unavailable", error=str(e))
         store.close()
         return 1
-    pool = WorkerPool(service.engine_settings(), launcher, metrics, log, random.Random())
+    pool = WorkerPool(service.engine_settings(), launcher, metrics, log)
     registry.register(WorkerProcessCollector(pool.worker_pids))
     service.attach(pool)
     stop = threading.Event()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import socket
 import threading
 import time
@@ -306,7 +305,7 @@ def running_agent(settings: AgentSettings) -> Iterator[Harness]:
     service = ConnectionService(settings, store, log)
     launcher = ThreadLauncher(FakeStack())
     registry = CollectorRegistry()
-    pool = WorkerPool(service.engine_settings(), launcher, Metrics(registry), log, random.Random(1))
+    pool = WorkerPool(service.engine_settings(), launcher, Metrics(registry), log)
     service.attach(pool)
     pool.start(service.engine_settings().connections)
     keys = ApiKeys.from_settings(settings.http)
