@@ -286,7 +286,7 @@ def test_sighup_reaches_only_the_worker_holding_the_changed_connection(
     assert agent.terminate() == 0
 
 
-def test_a_call_is_forwarded_through_a_connection_on_worker_1(
+def test_a_call_is_forwarded_through_a_connection_on_worker_1_and_outlives_worker_0(
     tmp_path: Path, kam: Kamailio, agent_factory: Callable[..., AgentProcess]
 ) -> None:
     agent, _ids = start_agent(agent_factory, kam, 7, sip={"rtp_port": 30000 + 2 * (free_port() % 4000)})
@@ -295,16 +295,22 @@ def test_a_call_is_forwarded_through_a_connection_on_worker_1(
     details = agent.status(cid, user_id="default")["sip_registration_details"]
     assert details["worker"] == 1
     assert f"127.0.0.1:{agent.sip_port_of(1)}" in (kam.lookup("w7") or "")
-    dest, pbx = start_call(tmp_path, kam, "w7", dest_port, hold_ms=1000)
+    worker_0 = agent.status("f0")["sip_registration_details"]["worker_pid"]
+    f0_call_id = binding_call_id(kam, "w0")
+    dest, pbx = start_call(tmp_path, kam, "w7", dest_port, hold_ms=3000)
     try:
+        agent.events("call_started")
+        os.kill(worker_0, signal.SIGKILL)  # another worker dies while the call is up
+        agent.wait_for(lambda: binding_call_id(kam, "w0") not in (None, f0_call_id), 5, "worker 0 replaced")
         assert pbx.wait(30) == 0, pbx.output()[-2000:]  # answered, held, ended by its BYE
     finally:
         pbx.stop()
         dest.stop()
     assert len(dest.received_requests("INVITE")) == 1
+    assert len(dest.received_requests("BYE")) == 1  # torn down by the PBX's BYE, not before
     ended = agent.events("call_ended")
     assert len(ended) == 1 and ended[0]["worker"] == 1 and ended[0]["connection_id"] == cid
-    assert ended[0]["result"] == "answered"
+    assert ended[0]["result"] == "answered" and ended[0]["talk_sec"] >= 2.5
     answered = f'uac_agent_calls_total{{connection_id="{cid}",result="answered"}}'
     assert metric(agent, answered) == 1
     assert agent.terminate() == 0
