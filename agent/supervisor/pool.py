@@ -238,7 +238,7 @@ class WorkerPool:
                 self._conns[cid] = _Placed(conn, snapshot=inactive_snapshot(conn, now))
                 self._dirty.add(cid)
                 continue
-            w = self._place(cid, starting=True)
+            w = self._place(cid)
             self._conns[cid] = _Placed(conn, worker=w.index, snapshot=pending_snapshot(conn, now))
             self._dirty.add(cid)
             placed.append((w, conn))
@@ -319,7 +319,7 @@ class WorkerPool:
     def _placed_count(self) -> int:
         return sum(1 for p in self._conns.values() if p.worker is not None)
 
-    def _place(self, cid: str, starting: bool = False) -> _Worker:
+    def _place(self, cid: str) -> _Worker:
         per = self._settings.workers.connections_per_worker
         for k in sorted(self._workers):
             w = self._workers[k]
