@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import re
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ from lab.kamailio import (
     KamailioConfig,
     free_port,
     kamcmd,
+    module_dir,
     start_kamailio_process,
     stop_process_group,
     wait_until_answering,
@@ -39,11 +39,6 @@ from lab.kamailio import (
 
 __all__ = ["UacReg", "UacRegConfig", "dbtext_escape", "main", "registrar_contacts", "registrar_stat"]
 
-MODULE_DIRS = (
-    "/usr/lib/x86_64-linux-gnu/kamailio/modules",
-    "/usr/lib/aarch64-linux-gnu/kamailio/modules",
-    "/usr/lib/kamailio/modules",
-)
 
 #: Columns of table ``uacreg`` version 5 (Kamailio 5.6), in the order of the shipped
 #: db_text schema (``/usr/share/kamailio/dbtext/kamailio/uacreg``). Columns we may leave
@@ -75,13 +70,6 @@ REG_ONGOING = 2
 REG_ONLINE = 4
 REG_AUTHSENT = 8
 REG_INIT = 16
-
-
-def _module_dir() -> str:
-    for d in MODULE_DIRS:
-        if os.path.isdir(d):
-            return d
-    raise RuntimeError("Kamailio modules not found: apt-get install kamailio")
 
 
 def dbtext_escape(value: str) -> str:
@@ -230,7 +218,7 @@ auto_aliases=no
 maxbuffer={c.maxbuffer}
 listen=udp:{c.listen_host}:{c.listen_port}
 
-mpath="{_module_dir()}/"
+mpath="{module_dir()}/"
 loadmodule "kex.so"
 loadmodule "tm.so"
 loadmodule "sl.so"

@@ -26,6 +26,7 @@ __all__ = [
     "free_port_block",
     "kamcmd",
     "make_test_pki",
+    "module_dir",
     "start_kamailio_process",
     "stop_process_group",
     "wait_until_answering",
@@ -110,7 +111,8 @@ class KamailioConfig:
         return self.port + 1
 
 
-def _module_dir() -> str:
+def module_dir() -> str:
+    """Where Debian put Kamailio's modules."""
     for d in MODULE_DIRS:
         if os.path.isdir(d):
             return d
@@ -161,7 +163,7 @@ auto_aliases=no
 listen=udp:{cfg.host}:{cfg.port}
 listen=tcp:{cfg.host}:{cfg.port}
 {tls_lines}
-mpath="{_module_dir()}/"
+mpath="{module_dir()}/"
 loadmodule "kex.so"
 loadmodule "corex.so"
 loadmodule "tm.so"
