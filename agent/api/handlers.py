@@ -1,7 +1,7 @@
 """HTTP request handling of ``/v2/uac_connections`` and ``/openapi.json``.
 
 Called by the HTTP server's threads with the parsed request; never touches
-pjsua2 (the service hands changes to the SIP thread). Order of checks: path
+pjsua2 (the service hands changes to the worker pool). Order of checks: path
 (404), method (405), key (401), body (400/415/422), ownership (403), state
 (409).
 """
@@ -148,7 +148,7 @@ class ConnectionsApi:
             rec = self._service.update(cid, self._body(headers, body, required=True), who.user_id)
             return _json(200, {"data": self._resource(rec)})
         rec = self._service.delete(cid, who.user_id)
-        return _json(200, {"data": self._resource(rec)})  # the SIP thread has forgotten it: status 0
+        return _json(200, {"data": self._resource(rec)})  # its worker has forgotten it: status 0
 
     @staticmethod
     def _allow(method: str, allowed: tuple[str, ...], path: str) -> None:

@@ -88,7 +88,7 @@ class Record:
     password: SecretStr | None  # the connection's own password (API connections)
     created_at: float
     updated_at: float
-    running: bool = True  # handed to the SIP thread (False: over the limit at start-up)
+    running: bool = True  # handed to the workers (False: over the limit at start-up)
 
     @property
     def id(self) -> str:

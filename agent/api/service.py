@@ -7,7 +7,7 @@ Rules
   ids are reserved: a stored API connection with the same id is not loaded.
 * Every change is checked in full before anything is touched: the request
   (422), ownership (403), the connection limit (409). Then it is written to the
-  store in one transaction, then applied on the SIP thread; a change the SIP
+  store in one transaction, then applied on the worker holding the connection; a change the SIP
   stack refuses is undone in the store.
 * One change at a time (a lock); reads never wait for the workers.
 * A DELETE unregisters first and forgets the row only after that, so an
@@ -160,7 +160,7 @@ class ConnectionService:
         return rec
 
     def engine_settings(self) -> AgentSettings:
-        """The settings the SIP thread starts with: every running connection, file ones first."""
+        """The settings the workers start with: every running connection, file ones first."""
         conns = [r.conn for r in self._records.values() if r.running]
         return self._settings.model_copy(update={"connections": conns})
 
@@ -196,7 +196,7 @@ class ConnectionService:
 
     def _engine_or_fail(self) -> Engine:
         if self._engine is None:
-            raise ApiError.one(503, "unavailable", "the SIP thread is not running")
+            raise ApiError.one(503, "unavailable", "the workers are not running")
         return self._engine
 
     def _wait(self, fut: Future[Any], what: str, cid: str) -> Any:

@@ -3,7 +3,7 @@ and (when given) the UAC Connections API under ``/v2/uac_connections`` with
 ``/openapi.json`` (``agent/api``).
 
 Runs on its own threads (stdlib ``ThreadingHTTPServer``) and never touches
-pjsua2: it reads the immutable status snapshots the SIP thread publishes.
+pjsua2: it reads the immutable status snapshots the worker pool publishes.
 Errors follow the API's usual shape: ``{"errors": [{"code", "title", "detail",
 "source"}]}``, each naming the problem.
 """
