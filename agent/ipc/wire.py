@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from agent.core import policy
@@ -85,9 +85,3 @@ class FrameReader:
         """Bytes of an incomplete frame held back."""
         return len(self._buf)
 
-
-def iter_messages(chunks: Iterable[bytes]) -> Iterable[object]:
-    """Messages from a stream of chunks (a helper for blocking readers)."""
-    reader = FrameReader()
-    for chunk in chunks:
-        yield from reader.feed(chunk)

@@ -63,6 +63,7 @@ from agent.worker.events import (
     TransportDown,
 )
 from agent.worker.limits import MAX_CONNECTIONS
+from agent.worker.log import WorkerLog
 
 __all__ = ["ChangeError", "WorkerEngine", "to_register_response"]
 
@@ -132,7 +133,6 @@ class WorkerEngine:
         adapter_factory: Callable[[Callable[[SipEvent], None]], Any],
         send: Callable[[list[Event]], None],
         wake: Callable[[], None],
-        logger: Any,
         clock: Clock,
         rng: random.Random | None = None,
     ) -> None:
@@ -141,7 +141,7 @@ class WorkerEngine:
         self._adapter_factory = adapter_factory
         self._send = send
         self._wake = wake
-        self._log = logger
+        self._log = WorkerLog(self.emit, start.log_level)  # its lines go to the supervisor
         self._clock = clock
         self._rng = rng or random.Random()
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()

@@ -20,16 +20,11 @@ LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 def plain(value: Any) -> Any:
     """``value`` as JSON types (str, int, float, bool, None, lists and dicts of them)."""
-    if value is None or type(value) in (str, int, float, bool):
+    if value is None or isinstance(value, bool):
         return value
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, str):
-        return str(value)
+    for kind in (int, float, str):  # enums and other subclasses become their plain value
+        if isinstance(value, kind):
+            return kind(value)
     if isinstance(value, (list, tuple, set, frozenset)):
         return [plain(v) for v in value]
     if isinstance(value, dict):

@@ -33,7 +33,6 @@ from agent.ipc.messages import Shutdown
 from agent.worker.engine import WorkerEngine
 from agent.worker.events import SipEvent
 from agent.worker.link import Link, Waker
-from agent.worker.log import WorkerLog
 
 __all__ = ["GONE_DEADLINE_SEC", "main", "serve"]
 
@@ -57,22 +56,14 @@ def serve(
     except Exception as e:
         print(f"uac-agent worker: no start message: {e}", file=sys.stderr)
         return 1
-    engine_box: list[WorkerEngine] = []
-
-    def send(batch: list[Any]) -> None:
-        link.send(batch)
-
-    log = WorkerLog(lambda ev: engine_box[0].emit(ev), start.log_level, {})
     engine = WorkerEngine(
         start,
         adapter_factory,
-        send,
+        link.send,
         waker_factory(start.stack.bind, start.stack.port),
-        log,
         SystemClock(),
         random.Random(),
     )
-    engine_box.append(engine)
     if on_engine is not None:
         on_engine(engine)
     deadline = min(start.shutdown_timeout_sec, GONE_DEADLINE_SEC)
