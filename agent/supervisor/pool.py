@@ -431,7 +431,9 @@ class WorkerPool:
                     try:
                         self._on_event(w, ev)
                     except Exception as e:  # one bad event must never stop the pool
-                        self._log.error("worker_event_failed", worker=w.index, event=type(ev).__name__, error=repr(e))
+                        self._log.error(
+                            "worker_event_failed", worker=w.index, event_type=type(ev).__name__, error=repr(e)
+                        )
                 self._publish()
         finally:
             watchdog.cancel()
@@ -665,7 +667,7 @@ class WorkerPool:
             if ev.unfinished:
                 w.log.warning("worker_stopped_with_bindings", still_registered=list(ev.unfinished))
         else:
-            w.log.warning("worker_event_unknown", event=type(ev).__name__)
+            w.log.warning("worker_event_unknown", event_type=type(ev).__name__)
 
     def _publish(self) -> None:
         """Rebuild the statuses of the connections that changed, then swap the mapping."""

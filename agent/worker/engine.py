@@ -372,7 +372,7 @@ class WorkerEngine:
             elif isinstance(ev, CallDtmf):
                 router.on_dtmf(ev)
         except Exception as e:  # a bad call must never take the SIP thread down
-            self._log.error("call_event_failed", event=type(ev).__name__, error=repr(e))
+            self._log.error("call_event_failed", event_type=type(ev).__name__, error=repr(e))
 
     def _route(self, connection_id: str) -> Route | None:
         c = self._conns.get(connection_id)

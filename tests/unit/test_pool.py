@@ -129,3 +129,15 @@ def test_a_worker_whose_sip_thread_hangs_is_killed_and_replaced(tmp_path: Path) 
         h.wait(lambda: h.pool.statuses()["c4"].registered, what="c4 registered again")
         assert events(h, "worker_unresponsive")[0]["worker"] == 1
         assert metric(h, 'uac_agent_worker_restarts_total{worker="1"}') == 1
+
+
+def test_a_message_a_worker_should_not_send_is_logged_and_the_pool_carries_on(tmp_path: Path) -> None:
+    from agent.ipc import messages as m
+
+    with running_agent(settings_for(tmp_path, [conn(0)])) as h:
+        h.wait(lambda: all_registered(h, ["c0"]), what="registered")
+        w = h.pool._workers[0]
+        h.pool._loop.call_soon_threadsafe(h.pool._on_event, w, m.Ping(1))  # a command, not an event
+        h.wait(lambda: bool(events(h, "worker_event_unknown")), what="logged")
+        assert events(h, "worker_event_unknown")[0]["event_type"] == "Ping"
+        assert h.pool.register_now("c0").result(5) in ("REGISTERING", "REGISTERED")  # still served
