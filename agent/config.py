@@ -31,7 +31,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from agent.core.policy import PolicySettings
 from agent.worker.limits import MAX_CONNECTIONS, MAX_FORWARDED_CALLS, PJSUA_MAX_ACC, PJSUA_MAX_CALLS
@@ -726,5 +726,33 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
         return settings
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, data)) from None
+    except SettingsError as e:  # a UAC_AGENT_* value that is not valid JSON where JSON is expected
+        raise ConfigError(_env_json_problems(str(e), os.environ if environ is None else environ)) from None
     finally:
         _config_file.reset(token)
+
+
+_SETTINGS_FIELD = re.compile(r'field "([a-z_]+)"')
+
+
+def _env_json_problems(message: str, environ: Mapping[str, str]) -> list[str]:
+    """One line per ``UAC_AGENT_*`` variable whose JSON does not parse, naming the variable and
+    where the JSON breaks; never its value (it may hold a password)."""
+    m = _SETTINGS_FIELD.search(message)
+    field = m.group(1).upper() if m else ""
+    prefix = f"UAC_AGENT_{field}"
+    problems = []
+    for name in sorted(environ):
+        if not name.upper().startswith(prefix) or name.upper()[len(prefix) :][:2] not in ("", "__"):
+            continue
+        value = environ[name].strip()
+        if not value.startswith(("[", "{")):
+            continue
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as e:
+            problems.append(f"{name}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+    if not problems:
+        which = f"{prefix} or {prefix}__*" if field else "a UAC_AGENT_* variable"
+        problems.append(f"{which}: a value here must be JSON (a list or a table) and is not")
+    return problems

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -344,3 +345,27 @@ def test_forwarding_settings(tmp_path: Path) -> None:
 def test_bad_forwarding_settings_name_the_field(tmp_path: Path, internal: dict[str, object], field: str) -> None:
     problems = _internal(tmp_path, internal)
     assert isinstance(problems, list) and any(field in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("UAC_AGENT_CONNECTIONS", '[{"connection_id": "a", "password": "pw-in-json-0"'),
+        ("UAC_AGENT_HTTP__API_KEYS", '{user_id: pw-in-json-0}'),
+    ],
+)
+def test_malformed_json_in_an_environment_variable_exits_2_naming_it(tmp_path: Path, name: str, value: str) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(write(tmp_path, GOOD))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, name: value},
+    )
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1  # one line, naming the variable
+    assert lines[0].startswith(f"uac-agent: config error: {name}: not valid JSON (")
+    assert "line 1 column" in lines[0]
+    assert "pw-in-json-0" not in res.stderr + res.stdout
