@@ -8,6 +8,7 @@ across threads is safe.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +16,15 @@ from typing import Any
 from agent.config import Connection
 from agent.core.policy import PolicySnapshot, RegistrationStatus, RegState
 
-__all__ = ["ConnectionStatus", "build_status", "inactive_snapshot", "iso", "pending_snapshot", "worker_down_snapshot"]
+__all__ = [
+    "ConnectionStatus",
+    "build_status",
+    "inactive_snapshot",
+    "iso",
+    "pending_snapshot",
+    "summary",
+    "worker_down_snapshot",
+]
 
 
 def iso(ts: float | None) -> str | None:
@@ -106,6 +115,19 @@ class ConnectionStatus:
                 "worker_pid": self.worker_pid,
             },
         }
+
+
+def summary(statuses: Mapping[str, ConnectionStatus]) -> str:
+    """One line for systemd's STATUS= and logs: ``12/14 registered, 2 failing``.
+
+    Counts registering connections; "failing" are those whose last attempt failed
+    (a connection still waiting for its first answer is neither).
+    """
+    registering = [st for st in statuses.values() if st.connection.registers]
+    registered = sum(1 for st in registering if st.registered)
+    failing = sum(1 for st in registering if not st.registered and st.registration_status == RegistrationStatus.FAILED)
+    text = f"{registered}/{len(registering)} registered"
+    return f"{text}, {failing} failing" if failing else text
 
 
 def build_status(

@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and agent.poll() is None:
-            if get(base + "/readyz")[0] == 200:
+            if get(base + "/readyz?registered=all")[0] == 200:
                 break
             time.sleep(0.2)
-        ready, body = get(base + "/readyz")
-        print(f"\nGET /readyz -> {ready} {body}")
+        ready, body = get(base + "/readyz?registered=all")
+        print(f"\nGET /readyz?registered=all -> {ready} {body}")
         workers: list[str] = []
         for cid in ("1001", "1002", "1003"):
             url = (

@@ -48,15 +48,17 @@ class StatusApi:
         self,
         api_key: str | ApiKeys,
         statuses: Callable[[], Mapping[str, ConnectionStatus]],
-        sip_alive: Callable[[], bool],
+        health: Callable[[], str | None],
         registry: CollectorRegistry,
         connections: ConnectionsApi | None = None,
         user_keys: Mapping[str, str] | None = None,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         # shared with the connections API, so a reload swaps the keys of both at once
         self.keys = api_key if isinstance(api_key, ApiKeys) else ApiKeys(api_key, user_keys)
         self._statuses = statuses
-        self._sip_alive = sip_alive
+        self._health = health  # None: alive; else what is wrong
+        self._ready = ready
         self._registry = registry
         self._connections = connections
 
@@ -73,23 +75,35 @@ class StatusApi:
             if path == "/metrics":
                 return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
             if path == "/healthz":
-                alive = self._sip_alive()
-                body = {"status": "ok" if alive else "sip thread down", "sip_thread": alive}
-                return _json(200 if alive else 503, body)
+                problem = self._health()
+                body = {"status": problem or "ok", "sip_thread": problem is None}
+                return _json(200 if problem is None else 503, body)
             if path == "/readyz":
-                return self._readyz()
+                return self._readyz(url.query)
             if path == "/v2/sip_registration_status":
                 return _json(200, self._registration_status(url.query, headers))
             raise ApiError(404, "not_found", "Not Found", f"no resource at {path}")
         except ApiError as e:
             return _json(e.status, {"errors": [e.body]})
 
-    def _readyz(self) -> tuple[int, str, bytes]:
-        if not self._sip_alive():
-            return _json(503, {"ready": False, "reason": "sip thread down", "not_registered": []})
+    def _readyz(self, query: str) -> tuple[int, str, bytes]:
+        """Ready to serve: the workers started at start-up have their transports bound and the
+        pool runs; a PBX that rejects or ignores a connection does not make the agent unready.
+        ``?registered=all``: also every registering connection registered (503 listing the others)."""
+        params = _query(query, ("registered",))
+        want_all = params.get("registered")
+        if want_all not in (None, "all"):
+            raise ApiError(400, "invalid_parameter", "Bad Request", "registered may only be 'all'", "registered")
         waiting = sorted(cid for cid, st in self._statuses().items() if st.connection.registers and not st.registered)
-        body = {"ready": not waiting, "not_registered": waiting}
-        return _json(200 if not waiting else 503, body)
+        problem = None if self._ready() else "starting or stopping"
+        problem = problem or self._health()
+        if problem is not None:
+            return _json(503, {"ready": False, "reason": problem, "not_registered": waiting})
+        ready = not (want_all and waiting)
+        body: dict[str, Any] = {"ready": ready, "not_registered": waiting}
+        if not ready:
+            body["reason"] = f"{len(waiting)} connection(s) not registered"
+        return _json(200 if ready else 503, body)
 
     def _authorize(self, headers: Mapping[str, str]) -> str | None:
         """None for ``http.api_key`` (every user); the user_id of an ``http.api_keys`` key."""
@@ -155,6 +169,22 @@ class StatusApi:
                 "user_id",
             )
         return st.to_json()
+
+
+def _query(query: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    """The query string's parameters (each at most once, none outside ``allowed``): 400 otherwise."""
+    try:
+        params = parse_qs(query, keep_blank_values=True, strict_parsing=False, max_num_fields=20)
+    except ValueError as e:
+        raise ApiError(400, "invalid_parameter", "Bad Request", f"query string is malformed: {e}") from None
+    out = {}
+    for name, got in params.items():
+        if name not in allowed:
+            raise ApiError(400, "invalid_parameter", "Bad Request", f"unknown query parameter {name}", name)
+        if len(got) > 1:
+            raise ApiError(400, "invalid_parameter", "Bad Request", f"query parameter {name} is given twice", name)
+        out[name] = got[0].strip()
+    return out
 
 
 def _json(status: int, body: Any) -> tuple[int, str, bytes]:

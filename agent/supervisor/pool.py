@@ -77,6 +77,8 @@ T = TypeVar("T")
 STABLE_AFTER_SEC = 60.0
 # How long a new worker may take to answer Start with Ready.
 START_TIMEOUT_SEC = 30.0
+# /healthz and the systemd watchdog: how long the pool's loop may take to answer.
+HEALTH_TIMEOUT_SEC = 2.0
 # A heartbeat round is sent in at most this many groups spread over its period.
 PING_GROUPS = 20
 # At start-up, how long a port held by a previous supervisor's workers is waited for.
@@ -136,6 +138,7 @@ class WorkerPool:
         self._starting_up = False
         self._tasks: set[asyncio.Future[Any]] = set()
         self._ping_task: asyncio.Task[None] | None = None
+        self._started = False
 
     # -- other threads -------------------------------------------------------------
 
@@ -151,6 +154,7 @@ class WorkerPool:
         except BaseException:
             self.stop(2.0)
             raise
+        self._started = True
 
     def apply_connection(self, conn: Connection) -> concurrent.futures.Future[str]:
         """Add ``conn``, or bring the running connection with its id to it.
@@ -182,6 +186,38 @@ class WorkerPool:
     def alive(self) -> bool:
         t = self._thread
         return t is not None and t.is_alive() and not self._loop.is_closed()
+
+    @property
+    def ready(self) -> bool:
+        """Every worker started at start-up has its transports bound, and the pool runs."""
+        return self._started and self.alive and not self._stopping
+
+    def health(self, timeout: float = HEALTH_TIMEOUT_SEC) -> str | None:
+        """None while the pool's loop answers within ``timeout`` and every running worker's SIP
+        thread has been heard from within the heartbeat timeout; else what is wrong.
+
+        A worker that died and waits for its replacement does not count: the pool is doing
+        its job. One whose heartbeat is older than the timeout does: the pool should have
+        replaced it (``/healthz``, and the systemd watchdog, catch the pool failing).
+        """
+        if not self.alive:
+            return "the worker pool has stopped"
+        try:
+            return self._call(self._health(), timeout)
+        except concurrent.futures.TimeoutError:
+            return f"the worker pool did not answer within {timeout:.0f} s"
+        except Exception as e:
+            return f"the worker pool did not answer: {e}"
+
+    async def _health(self) -> str | None:
+        if self._ping_task is not None and self._ping_task.done():
+            return "the heartbeat task has stopped"
+        limit = self._settings.workers.heartbeat_timeout_sec * 4 / 3 + 1.0  # the pinger's period of grace
+        now = time.monotonic()
+        stale = sorted(k for k, w in self._workers.items() if w.state == "running" and now - w.last_pong > limit)
+        if stale:
+            return f"worker(s) {', '.join(map(str, stale))} silent for over {limit:.0f} s"
+        return None
 
     def worker_pids(self) -> list[tuple[int, int]]:
         """(index, pid) of every worker process that runs now."""

@@ -97,7 +97,7 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
     keys = ApiKeys.from_settings(settings.http)  # one set for every endpoint; reload swaps it
     service.api_keys = keys
     connections = ConnectionsApi(service, Authenticator(keys), build_openapi, log)
-    api = StatusApi(keys, pool.statuses, lambda: pool.alive, registry, connections=connections)
+    api = StatusApi(keys, pool.statuses, pool.health, registry, connections=connections, ready=lambda: pool.ready)
     try:
         http = HttpServer(host, port, api, log)
     except OSError as e:

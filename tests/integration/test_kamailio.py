@@ -24,7 +24,7 @@ def test_registers_over_udp_tcp_tls_and_unregisters_on_sigterm(
         ],
         sip={"tls_ca_file": str(pki["ca"])},
     )
-    agent.wait_for(lambda: agent.http_get("/readyz")[0] == 200, 15, "all connections registered")
+    agent.wait_for(lambda: agent.http_get("/readyz?registered=all")[0] == 200, 15, "all connections registered")
 
     # What the registrar saw: one binding per user, on the right transport, with
     # a Contact that names its connection.
@@ -81,7 +81,7 @@ def test_wrong_ca_leaves_tls_connection_unregistered_with_clear_response(
     assert "certificate" in text.lower()
     assert kamailio.lookup("dave") is None
     assert 'uac_agent_registered{connection_id="c-tls-bad"} 0.0' in agent.metrics()
-    code, body = agent.http_get("/readyz")
+    code, body = agent.http_get("/readyz?registered=all")
     assert code == 503
     assert "c-tls-bad" in body
     assert agent.terminate() == 0

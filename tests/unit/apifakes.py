@@ -311,7 +311,7 @@ def running_agent(settings: AgentSettings) -> Iterator[Harness]:
     keys = ApiKeys.from_settings(settings.http)
     service.api_keys = keys
     connections = ConnectionsApi(service, Authenticator(keys), build_openapi, log)
-    api = StatusApi(keys, pool.statuses, lambda: pool.alive, registry, connections=connections)
+    api = StatusApi(keys, pool.statuses, pool.health, registry, connections=connections, ready=lambda: pool.ready)
     h = Harness(settings, store, service, pool, api, stream, launcher, registry)
     try:
         yield h

@@ -122,11 +122,15 @@ def test_a_worker_whose_sip_thread_hangs_is_killed_and_replaced(tmp_path: Path) 
     )
     with running_agent(settings) as h:
         h.wait(lambda: all_registered(h, [f"c{i}" for i in range(5)]), what="all registered")
+        assert h.pool.ready
+        assert h.pool.health() is None
         h.adapter.hanging.add(1)
         h.wait(lambda: bool(events(h, "worker_unresponsive")), timeout=6, what="hang noticed")
+        assert h.pool.health() is None  # the pool replaces it: the agent as a whole is healthy
         h.adapter.hanging.discard(1)
         h.wait(lambda: len(h.launcher.workers) == 3, what="replacement started")
         h.wait(lambda: h.pool.statuses()["c4"].registered, what="c4 registered again")
+        assert h.pool.health() is None
         assert events(h, "worker_unresponsive")[0]["worker"] == 1
         assert metric(h, 'uac_agent_worker_restarts_total{worker="1"}') == 1
 

@@ -60,7 +60,7 @@ def server() -> Iterator[tuple[str, CollectorRegistry]]:
     metrics = Metrics(registry)
     for st in statuses.values():
         metrics.publish(st)
-    api = StatusApi(KEY, lambda: statuses, lambda: True, registry)
+    api = StatusApi(KEY, lambda: statuses, lambda: None, registry)
     srv = HttpServer("127.0.0.1", 0, api, structlog.get_logger())
     srv.start()
     yield f"http://127.0.0.1:{srv.port}", registry
@@ -189,13 +189,42 @@ def test_password_never_shown_anywhere(server: tuple[str, CollectorRegistry]) ->
         assert KEY not in json.dumps(body)
 
 
-def test_readyz_lists_unregistered(server: tuple[str, CollectorRegistry]) -> None:
+def test_readyz_is_ready_while_a_pbx_rejects_a_connection(server: tuple[str, CollectorRegistry]) -> None:
     base, _ = server
     code, body = get(base + "/readyz", None)
+    assert code == 200  # connection 77 is refused by its PBX: the agent still serves
+    assert body == {"ready": True, "not_registered": ["77"]}
+    code, body = get(base + "/readyz?registered=all", None)
     assert code == 503
-    assert body == {"ready": False, "not_registered": ["77"]}
+    assert body == {"ready": False, "not_registered": ["77"], "reason": "1 connection(s) not registered"}
     code, body = get(base + "/healthz", None)
     assert code == 200
+
+
+@pytest.mark.parametrize("query", ["registered=some", "registered=all&registered=all", "bogus=1"])
+def test_readyz_refuses_an_unknown_query(server: tuple[str, CollectorRegistry], query: str) -> None:
+    base, _ = server
+    code, body = get(base + "/readyz?" + query, None)
+    assert code == 400
+    assert isinstance(body, dict)
+    assert body["errors"][0]["code"] == "invalid_parameter"
+
+
+def test_probes_report_what_is_wrong() -> None:
+    registry = CollectorRegistry()
+    problem: list[str | None] = ["worker(s) 3 silent for over 41 s"]
+    ready = [False]
+    api = StatusApi(KEY, dict, lambda: problem[0], registry, ready=lambda: ready[0])
+    code, _, body = api.handle("GET", "/healthz", {})
+    assert (code, json.loads(body)) == (503, {"status": "worker(s) 3 silent for over 41 s", "sip_thread": False})
+    code, _, body = api.handle("GET", "/readyz", {})
+    assert (code, json.loads(body)["reason"]) == (503, "starting or stopping")
+    ready[0] = True
+    code, _, body = api.handle("GET", "/readyz", {})
+    assert (code, json.loads(body)["reason"]) == (503, "worker(s) 3 silent for over 41 s")
+    problem[0] = None
+    assert api.handle("GET", "/readyz", {})[0] == 200
+    assert api.handle("GET", "/healthz", {})[0] == 200
 
 
 def test_metrics_contract(server: tuple[str, CollectorRegistry]) -> None:
