@@ -43,6 +43,7 @@ __all__ = [
     "PJSUA_MAX_CALLS",
     "AgentSettings",
     "ApiKeySettings",
+    "ClientSettings",
     "ConfigError",
     "Connection",
     "ExternalUacSettings",
@@ -50,6 +51,7 @@ __all__ = [
     "RegistrationKnobs",
     "StoreSettings",
     "WorkerSettings",
+    "load_client_settings",
     "load_settings",
     "parse_sip_uri",
 ]
@@ -297,6 +299,32 @@ class SipSettings(_Strict):
     # A CRLF keep-alive to the registrar every this many seconds, for each UDP
     # registration, to hold a NAT binding open between refreshes (0: none).
     udp_keepalive_sec: Annotated[int, Field(ge=0, le=3600)] = 0
+    # NAT and containers (agent/addresses.py): the address peers are told (Contact,
+    # Via, SDP) while the sockets stay bound to `bind`; media defaults to the
+    # signaling one. Peers in local_nets are told the local address instead.
+    external_signaling_address: str | None = None
+    external_media_address: str | None = None
+    local_nets: list[Network] = Field(default_factory=list)
+
+    @field_validator("external_signaling_address", "external_media_address")
+    @classmethod
+    def _external(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        try:
+            ip = ipaddress.ip_address(v.strip("[]"))
+        except ValueError:
+            if not re.fullmatch(_HOST, v) or v.replace(".", "").isdigit():
+                raise ValueError("must be a host name or an IP address, e.g. 203.0.113.10 or sip.example.com") from None
+            return v
+        if ip.is_unspecified:
+            raise ValueError("must be an address peers can reach, not 0.0.0.0 or ::")
+        return str(ip)
+
+    @field_validator("local_nets", mode="before")
+    @classmethod
+    def _nets(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
     @field_validator("bind", "rtp_address")
     @classmethod
@@ -727,6 +755,49 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, data)) from None
     except SettingsError as e:  # a UAC_AGENT_* value that is not valid JSON where JSON is expected
+        raise ConfigError(_env_json_problems(str(e), os.environ if environ is None else environ)) from None
+    finally:
+        _config_file.reset(token)
+
+
+class ClientSettings(BaseSettings):
+    """What the commands that talk to a running agent (``status``, ``reload``, ``register``,
+    ``unregister``) need: where it listens and the operator key, from the same file and
+    environment as ``run``. The rest is not read: an admin may run them without being able to
+    read the SIP passwords."""
+
+    model_config = SettingsConfigDict(env_prefix="UAC_AGENT_", env_nested_delimiter="__", extra="ignore")
+
+    http: HttpSettings
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+    @property
+    def base_url(self) -> str:
+        """``http://HOST:PORT`` of the running agent; a wildcard listen address is reached on loopback."""
+        host, port = self.http.host_port
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def load_client_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> ClientSettings:
+    """Read only the ``http`` section of ``path`` and the environment; raise ConfigError on a problem."""
+    data = read_config_file(path) if path is not None else None
+    token = _config_file.set(path)
+    try:
+        return ClientSettings()
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, data)) from None
+    except SettingsError as e:
         raise ConfigError(_env_json_problems(str(e), os.environ if environ is None else environ)) from None
     finally:
         _config_file.reset(token)

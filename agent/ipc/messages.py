@@ -86,6 +86,12 @@ class StackSettings:
     over_limit_retry_after_sec: int = 5
     # CRLF keep-alives to the registrar of each UDP registration (0: none).
     udp_keepalive_sec: int = 0
+    # Advertised addresses (agent/addresses.py); None: the bound one, or the stack's
+    # choice when bound to a wildcard. public_address goes in every transport's Via;
+    # leg_b_* in leg B's From and SDP.
+    public_address: str | None = None
+    leg_b_host: str | None = None
+    leg_b_media_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,9 @@ class AccountSpec:
     password: str = field(repr=False)
     expires: int
     contact_uri_params: str
+    # What this account's peer is told (agent/addresses.py); None: the transport's address.
+    contact_host: str | None = None
+    media_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,9 @@ class Route:
     ring_timeout_sec: int
     max_calls: int | None
     pbx_hosts: tuple[str, ...]  # hosts of proxy and outbound_proxy (their addresses may call)
+    # What the destination is told on leg B (agent/addresses.py); None: the worker's default.
+    leg_b_host: str | None = None
+    leg_b_media: str | None = None
 
 
 @dataclass(frozen=True)

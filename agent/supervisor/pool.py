@@ -46,6 +46,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+from agent.addresses import is_wildcard
 from agent.config import AgentSettings, Connection
 from agent.core.policy import PolicySnapshot
 from agent.ipc import messages as m
@@ -67,7 +68,7 @@ from agent.supervisor.errors import (
     WorkerLostError,
 )
 from agent.supervisor.launcher import Launched, Launcher, describe_exit
-from agent.supervisor.specs import conn_spec
+from agent.supervisor.specs import conn_spec, transport_address
 
 __all__ = ["WorkerPool"]
 
@@ -421,6 +422,11 @@ class WorkerPool:
             over_limit_response=s.sip.over_limit_response,
             over_limit_retry_after_sec=s.sip.over_limit_retry_after_sec,
             udp_keepalive_sec=s.sip.udp_keepalive_sec,
+            public_address=transport_address(s.sip),
+            leg_b_host=transport_address(s.sip),
+            leg_b_media_address=s.sip.external_media_address
+            or s.sip.external_signaling_address
+            or (None if is_wildcard(s.sip.effective_rtp_address) else s.sip.effective_rtp_address),
         )
         try:
             proc = self._launcher.launch(k)

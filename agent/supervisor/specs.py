@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from agent.config import AgentSettings, Connection, parse_sip_uri
+from agent.addresses import advertised_for, is_wildcard
+from agent.config import AgentSettings, Connection, SipSettings, parse_sip_uri
 from agent.ipc.messages import AccountSpec, ConnSpec, Route
 
-__all__ = ["account_spec", "conn_spec", "contact_line", "route", "with_transport"]
+__all__ = ["account_spec", "conn_spec", "contact_line", "route", "transport_address", "with_transport"]
 
 
 def with_transport(uri: str, transport: str, *, loose_route: bool = False) -> str:
@@ -25,11 +26,24 @@ def contact_line(conn: Connection) -> str:
     return f";line={conn.connection_id}"
 
 
-def account_spec(conn: Connection) -> AccountSpec:
+def transport_address(sip: SipSettings) -> str | None:
+    """What every transport of a worker publishes (Via, and Contact unless an account says otherwise)."""
+    if sip.external_signaling_address:
+        return sip.external_signaling_address
+    return None if is_wildcard(sip.bind) else sip.bind
+
+
+def account_spec(conn: Connection, sip: SipSettings | None = None) -> AccountSpec:
     ext = conn.external_uac_settings
     assert ext is not None and ext.password is not None
     registrar = with_transport(ext.proxy, ext.transport)
     host = parse_sip_uri(ext.proxy)["host"]
+    contact_host = media = None
+    if sip is not None:
+        adv = advertised_for(sip, parse_sip_uri(ext.outbound_proxy or ext.proxy)["host"].strip("[]"))
+        media = adv.media
+        if adv.signaling != transport_address(sip):
+            contact_host = adv.signaling
     proxies: tuple[str, ...] = ()
     if ext.outbound_proxy:
         proxies = (with_transport(ext.outbound_proxy, ext.transport, loose_route=True),)
@@ -43,10 +57,12 @@ def account_spec(conn: Connection) -> AccountSpec:
         password=ext.password.get_secret_value(),
         expires=ext.expiration_sec,
         contact_uri_params=contact_line(conn),
+        contact_host=contact_host,
+        media_address=media,
     )
 
 
-def route(conn: Connection) -> Route:
+def route(conn: Connection, sip: SipSettings | None = None) -> Route:
     internal = conn.internal_uac_settings
     ext = conn.external_uac_settings
     hosts: list[str] = []
@@ -54,6 +70,11 @@ def route(conn: Connection) -> Route:
         for uri in (ext.proxy, ext.outbound_proxy):
             if uri:
                 hosts.append(parse_sip_uri(uri)["host"])
+    leg_b_host = leg_b_media = None
+    dest = internal.destination_sip_uri
+    if sip is not None and dest is not None and internal.forward_mode == "bridge":
+        adv = advertised_for(sip, parse_sip_uri(dest.split(";", 1)[0])["host"].strip("[]"))
+        leg_b_host, leg_b_media = adv.signaling, adv.media
     return Route(
         destination=internal.destination_sip_uri,
         forward_mode=internal.forward_mode,
@@ -61,6 +82,8 @@ def route(conn: Connection) -> Route:
         ring_timeout_sec=internal.ring_timeout_sec,
         max_calls=internal.max_calls,
         pbx_hosts=tuple(hosts),
+        leg_b_host=leg_b_host,
+        leg_b_media=leg_b_media,
     )
 
 
@@ -68,8 +91,8 @@ def conn_spec(conn: Connection, settings: AgentSettings, register_at_once: bool 
     """What the worker runs for a registering connection (``conn.registers`` must be true)."""
     return ConnSpec(
         connection_id=conn.connection_id,
-        account=account_spec(conn),
+        account=account_spec(conn, settings.sip),
         policy=settings.policy_settings(conn),
-        route=route(conn),
+        route=route(conn, settings.sip),
         register_at_once=register_at_once,
     )

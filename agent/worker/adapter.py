@@ -255,6 +255,12 @@ class PjsuaAdapter:
         # no call leg is left, so an idle worker has no such thread.
         self._clock_on = False
         self._udp_keepalive = 0
+        self._port = 0
+        # The host leg B's From and the forward account name (never 0.0.0.0); set by start().
+        self.published_host = "127.0.0.1"
+        self._forward_cfg: Any = None
+        self._forward_default_media: str | None = None
+        self._forward_media_now: str | None = None
 
     def start(self, s: StackSettings) -> None:
         ep = _Endpoint(self._sink)
@@ -296,17 +302,20 @@ class PjsuaAdapter:
         cfg.medConfig.sndClockRate = 8000
         self._media = (s.rtp_address, s.rtp_port, s.rtp_port_range)
         self._udp_keepalive = s.udp_keepalive_sec
+        self._port = s.port
         try:
             ep.libInit(cfg)
             ep.audDevManager().setNoDev()
             for name in ("UDP", "TCP"):
                 tc = pj.TransportConfig()
                 tc.boundAddress = s.bind
+                tc.publicAddress = s.public_address or ""  # Via (and Contact): "" is the stack's choice
                 tc.port = s.port
                 self._transport_ids[name] = ep.transportCreate(_TRANSPORTS[name], tc)
             if s.want_tls:
                 tc = pj.TransportConfig()
                 tc.boundAddress = s.bind
+                tc.publicAddress = s.public_address or ""
                 tc.port = s.tls_port
                 tc.tlsConfig.method = pj.PJSIP_TLSV1_2_METHOD
                 tc.tlsConfig.verifyServer = s.tls_verify_server
@@ -314,15 +323,19 @@ class PjsuaAdapter:
                     tc.tlsConfig.CaListFile = s.tls_ca_file
                 self._transport_ids["TLS"] = ep.transportCreate(_TRANSPORTS["TLS"], tc)
             ep.libStart()
+            # Never 0.0.0.0: with a wildcard bind the UDP transport publishes the stack's choice.
+            self.published_host = s.leg_b_host or str(ep.transportGetInfo(self._transport_ids["UDP"]).localName)
+            self.published_host = self.published_host.rsplit(":", 1)[0].strip("[]")
             self._forward = self._create_forward_account(s)
         except Exception as e:
             raise AdapterError(f"SIP stack failed to start on {s.bind}:{s.port}: {_err(e)}") from None
 
-    def _media_config(self, ac: Any) -> None:
+    def _media_config(self, ac: Any, advertised: str | None) -> None:
+        """RTP bound to rtp_address; SDP c=/o= carry ``advertised`` ("": the stack's choice, never 0.0.0.0)."""
         addr, port, port_range = self._media
         tc = ac.mediaConfig.transportConfig
         tc.boundAddress = addr
-        tc.publicAddress = addr
+        tc.publicAddress = advertised or ("" if addr in ("0.0.0.0", "::") else addr)
         tc.port = port
         tc.portRange = port_range
 
@@ -331,14 +344,16 @@ class PjsuaAdapter:
         no credentials (a destination's challenge is never answered with a PBX
         password) and no outbound proxy (leg B never goes through the PBX)."""
         ac = pj.AccountConfig()
-        host = s.bind if s.bind not in ("0.0.0.0", "::") else s.rtp_address
+        host = f"[{self.published_host}]" if ":" in self.published_host else self.published_host
         ac.idUri = f"sip:{s.user_agent.split('/')[0] or 'uac-agent'}@{host}:{s.port}"
         ac.regConfig.registerOnAdd = False
         ac.natConfig.sipOutboundUse = 0
         ac.natConfig.contactRewriteUse = 0
         ac.natConfig.viaRewriteUse = 0
         ac.natConfig.sdpNatRewriteUse = 0
-        self._media_config(ac)
+        self._media_config(ac, s.leg_b_media_address)
+        self._forward_cfg = ac
+        self._forward_default_media = self._forward_media_now = s.leg_b_media_address
         acc = _Account(FORWARD_ACCOUNT, self._sink, self._incoming)
         acc.create(ac, True)
         return acc
@@ -366,6 +381,13 @@ class PjsuaAdapter:
         ac.regConfig.unregWaitMsec = 2000
         ac.regConfig.dropCallsOnFail = False
         ac.sipConfig.contactUriParams = spec.contact_uri_params
+        if spec.contact_host and spec.transport != "TLS":
+            # This peer is told another address than the transport's (agent/addresses.py). TLS
+            # keeps the transport's: its Contact names the connection's own port.
+            user = spec.id_uri.split(":", 1)[1].split("@", 1)[0]
+            h = f"[{spec.contact_host}]" if ":" in spec.contact_host else spec.contact_host
+            tp = ";transport=tcp" if spec.transport == "TCP" else ""
+            ac.sipConfig.contactForced = f"<sip:{user}@{h}:{self._port}{tp}{spec.contact_uri_params}>"
         ac.sipConfig.transportId = self._transport_ids[spec.transport]
         for proxy in spec.proxies:
             ac.sipConfig.proxies.append(proxy)
@@ -385,7 +407,7 @@ class PjsuaAdapter:
         # pjsua would send a CRLF to the registrar every 15 s for each UDP
         # registration; only on request (sip.udp_keepalive_sec), for a NAT between.
         ac.natConfig.udpKaIntervalSec = self._udp_keepalive
-        self._media_config(ac)
+        self._media_config(ac, spec.media_address)
         acc = _Account(spec.key, self._sink, self._incoming)
         try:
             acc.create(ac, False)
@@ -495,14 +517,16 @@ class PjsuaAdapter:
         except Exception as e:
             raise AdapterError(f"hangup leg {leg}: {_err(e)}") from None
 
-    def make_call(self, dest_uri: str, from_uri: str | None) -> tuple[int, str]:
-        """Leg B: INVITE ``dest_uri`` from the agent's own account. (leg, Call-ID)."""
+    def make_call(self, dest_uri: str, from_uri: str | None, media_address: str | None = None) -> tuple[int, str]:
+        """Leg B: INVITE ``dest_uri`` from the agent's own account, its SDP naming
+        ``media_address`` (None: the worker's default). (leg, Call-ID)."""
         if self._forward is None:
             raise AdapterError("the SIP stack is not started")
         if self.free_call_slots < 1:
             # A Call whose makeCall fails cannot be deleted (pjsua2 asserts on
             # its invalid id and aborts): never start one without a free slot.
             raise AdapterError(f"all {self._call_slots} call slots are in use", too_many=True)
+        self._forward_media(media_address)
         leg = self._new_leg()
         call = _Call(self._forward, leg, self._sink, self._gone)
         prm = pj.CallOpParam(True)
@@ -524,6 +548,19 @@ class PjsuaAdapter:
         except Exception:
             call_id = ""
         return leg, call_id
+
+    def _forward_media(self, media_address: str | None) -> None:
+        """pjsua2 takes a call's SDP address from its account: the forward account is modified
+        when this leg's destination is told another one (calls already set up keep theirs)."""
+        want = media_address or self._forward_default_media
+        if want == self._forward_media_now or self._forward is None or self._forward_cfg is None:
+            return
+        self._media_config(self._forward_cfg, want)
+        try:
+            self._forward.modify(self._forward_cfg)
+            self._forward_media_now = want
+        except Exception as e:
+            raise AdapterError(f"leg B media address {want} refused by the SIP stack: {_err(e)}") from None
 
     def bridge(self, a: int, b: int) -> bool:
         """Connect the audio of two legs both ways; False while either has none."""

@@ -188,10 +188,10 @@ class CallRouter:
             fwd.result, fwd.code = CallResult.REDIRECTED, 302
             return
         fwd.bridge = BridgeCall(started_at=now, ring_timeout_sec=float(route.ring_timeout_sec))
-        host = self._stack.bind if self._stack.bind not in ("0.0.0.0", "::") else self._stack.rtp_address
+        host = route.leg_b_host or self._adapter.published_host  # never 0.0.0.0 (agent/addresses.py)
         from_uri = leg_b_from_uri(display, user, host, fallback_user="uac-agent")
         try:
-            fwd.leg_b, fwd.call_id_b = self._adapter.make_call(dest, from_uri)
+            fwd.leg_b, fwd.call_id_b = self._adapter.make_call(dest, from_uri, route.leg_b_media)
         except Exception as e:
             if getattr(e, "too_many", False):  # no slot after all: busy, as over the limit
                 self._by_leg.pop(ev.leg, None)

@@ -126,10 +126,11 @@ def call_lab(pbx_proxy: Kamailio, tmp_path: Path) -> Iterator[Callable[..., Call
         expiration_sec: int = 300,
         dest_params: str = "",
         dest_port: int | None = None,
+        transport: str = "UDP",
     ) -> CallLab:
         dest_port = dest_port or free_port()
         conn = connection(
-            "c-fwd", f"sip:127.0.0.1:{kamailio.cfg.port}", "UDP", user, "frank-pw", expiration_sec=expiration_sec
+            "c-fwd", f"sip:127.0.0.1:{kamailio.cfg.port}", transport, user, "frank-pw", expiration_sec=expiration_sec
         )
         destination = f"1006@127.0.0.1:{dest_port}{dest_params}"
         conn["internal_uac_settings"] = {"destination_uri": destination, **(internal or {})}
@@ -456,3 +457,49 @@ def test_calls_ending_as_new_ones_arrive_get_200_or_486_never_603(call_lab: Call
     log = lab.agent.log_path.read_text()
     assert "call_reject_failed" not in log
     assert lab.agent.status("c-fwd")["registered"] is True
+
+
+EXTERNAL = {"external_signaling_address": "127.0.0.5", "external_media_address": "127.0.0.6"}
+
+
+@pytest.mark.parametrize(
+    ("transport", "sip", "sig", "media"),
+    [
+        pytest.param("UDP", EXTERNAL, "127.0.0.5", "127.0.0.6", id="external-udp"),
+        pytest.param("TCP", EXTERNAL, "127.0.0.5", "127.0.0.6", id="external-tcp"),
+        # no external address: the address of the interface that routes to each peer
+        pytest.param("UDP", {}, "127.0.0.1", "127.0.0.1", id="routed"),
+        # the peers are in local_nets: they are told the local address, not the external one
+        pytest.param("UDP", {**EXTERNAL, "local_nets": ["127.0.0.0/8"]}, "127.0.0.1", "127.0.0.1", id="local-net"),
+    ],
+)
+def test_bound_to_wildcard_advertises_the_right_addresses(
+    call_lab: Callable[..., CallLab], transport: str, sip: dict[str, Any], sig: str, media: str
+) -> None:
+    """NAT/container: sockets on 0.0.0.0; the peers are told ``sig`` (Contact, leg B's From) and
+    ``media`` (SDP). The binding carries it, the PBX's call reaches the agent through it, RTP flows
+    both ways, and no message either peer saw names 0.0.0.0."""
+    lab = call_lab(sip={"bind": "0.0.0.0", **sip}, transport=transport)
+    binding = lab.kamailio.lookup(lab.user)
+    assert binding is not None
+    assert f"@{sig}:{lab.agent.sip_port}" in binding, binding
+    pbx_rtp = RtpEndpoint(free_port(), PBX_PATTERN).start()
+    dest_rtp = RtpEndpoint(free_port(), DEST_PATTERN).start()
+    try:
+        dest = lab.dest("dest_answer.xml", rtp_port=str(dest_rtp.port))
+        pbx = lab.pbx("pbx_call.xml", rtp_port=pbx_rtp.port, timeout=30, extra_args=["-d", "3000"])
+        wait_until(lambda: pbx_rtp.count_of(DEST_PATTERN) > 20 and dest_rtp.count_of(PBX_PATTERN) > 20, 10, "RTP")
+        assert pbx.wait(30) == 0, pbx.output()[-2000:]
+        dest.stop()
+    finally:
+        pbx_rtp.stop()
+        dest_rtp.stop()
+    offer_b = dest.received_requests("INVITE")[0]
+    answer_a = next(r for r in pbx.received_responses(200) if r.cseq_method == "INVITE")
+    for msg in (offer_b, answer_a):
+        assert f"c=IN IP4 {media}" in msg.body, msg.body
+        assert re.search(rf"^o=.* IN IP4 {re.escape(media)}\s*$", msg.body, re.M), msg.body
+    assert f"@{sig}" in (offer_b.header("From") or ""), offer_b.header("From")
+    assert sig in (answer_a.header("Contact") or ""), answer_a.header("Contact")
+    seen = [m.raw for m in (*dest.messages(), *pbx.messages())]
+    assert not [raw for raw in seen if "0.0.0.0" in raw]
