@@ -15,7 +15,7 @@ Rules
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,9 +25,11 @@ __all__ = [
     "RELOADABLE_FIELDS",
     "RESTART_ONLY",
     "ConnectionDiff",
+    "ReloadOutcome",
     "api_keys_changed",
     "diff_connections",
     "reload_from_file",
+    "reload_outcome",
     "restart_only_changes",
 ]
 
@@ -86,21 +88,36 @@ class ReloadRefusedError(Exception):
         self.problems = problems
 
 
-def reload_from_file(path: Path | None, target: Reloadable, log: Any) -> bool:
-    """Re-read ``path`` and apply it; log and return False when it is refused."""
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What a reload did: applied (``report`` says what changed), or refused (``problems`` say why)."""
+
+    applied: bool
+    problems: tuple[str, ...] = ()
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def reload_outcome(path: Path | None, target: Reloadable, log: Any) -> ReloadOutcome:
+    """Re-read ``path`` and apply it; log the outcome and return it."""
     if path is None:
-        log.warning("reload_refused", reason="the agent was started without a config file: nothing to re-read")
-        return False
+        reason = "the agent was started without a config file: nothing to re-read"
+        log.warning("reload_refused", reason=reason)
+        return ReloadOutcome(False, (reason,))
     log.info("reload_requested", config=str(path))
     try:
         new = load_settings(path)
     except ConfigError as e:
         log.error("reload_refused", config=str(path), problems=e.problems, note="the running configuration stays")
-        return False
+        return ReloadOutcome(False, tuple(e.problems))
     try:
         report = target.reload(new)
     except ReloadRefusedError as e:
         log.error("reload_refused", config=str(path), problems=e.problems, note="the running configuration stays")
-        return False
+        return ReloadOutcome(False, tuple(e.problems))
     log.info("reload_applied", config=str(path), **report)
-    return True
+    return ReloadOutcome(True, (), report)
+
+
+def reload_from_file(path: Path | None, target: Reloadable, log: Any) -> bool:
+    """Re-read ``path`` and apply it; log and return False when it is refused."""
+    return reload_outcome(path, target, log).applied

@@ -1,6 +1,7 @@
 """HTTP: ``/metrics``, ``/healthz``, ``/readyz``, ``GET /v2/sip_registration_status``,
-and (when given) the UAC Connections API under ``/v2/uac_connections`` with
-``/openapi.json`` (``agent/api``).
+the operator's ``GET /admin/status`` and ``POST /admin/reload`` (what ``uac-agent
+status`` and ``uac-agent reload`` use), and (when given) the UAC Connections API
+under ``/v2/uac_connections`` with ``/openapi.json`` (``agent/api``).
 
 Runs on its own threads (stdlib ``ThreadingHTTPServer``) and never touches
 pjsua2: it reads the immutable status snapshots the worker pool publishes.
@@ -10,6 +11,7 @@ Errors follow the API's usual shape: ``{"errors": [{"code", "title", "detail",
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
 from collections.abc import Callable, Mapping
@@ -20,16 +22,18 @@ from urllib.parse import parse_qs, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from agent.http.keys import ApiKeys, InvalidKey
-from agent.status import ConnectionStatus
+from agent.status import ConnectionStatus, summary
 
 if TYPE_CHECKING:
     from agent.api.handlers import ConnectionsApi
+    from agent.reload import ReloadOutcome
 
 __all__ = ["HttpServer", "StatusApi"]
 
 CREDENTIAL_TYPES = ("uac_third-party_credential", "telephony_credential", "sip_credential_connection")
 SERVED_CREDENTIAL_TYPE = "uac_third-party_credential"
 MAX_BODY_BYTES = 64 * 1024
+RELOAD_WAIT_SEC = 120.0  # POST /admin/reload waits this long for the outcome, then 504
 
 
 class ApiError(Exception):
@@ -53,12 +57,16 @@ class StatusApi:
         connections: ConnectionsApi | None = None,
         user_keys: Mapping[str, str] | None = None,
         ready: Callable[[], bool] = lambda: True,
+        reload: Callable[[], concurrent.futures.Future[ReloadOutcome]] | None = None,
+        agent_info: Callable[[], Mapping[str, Any]] = dict,
     ) -> None:
         # shared with the connections API, so a reload swaps the keys of both at once
         self.keys = api_key if isinstance(api_key, ApiKeys) else ApiKeys(api_key, user_keys)
         self._statuses = statuses
         self._health = health  # None: alive; else what is wrong
         self._ready = ready
+        self._reload = reload
+        self._agent_info = agent_info
         self._registry = registry
         self._connections = connections
 
@@ -70,8 +78,14 @@ class StatusApi:
         if self._connections is not None and self._connections.serves(path):
             return self._connections.handle(method, path, url.query, headers, content)
         try:
+            if path == "/admin/reload":
+                if method != "POST":
+                    raise ApiError(405, "method_not_allowed", "Method Not Allowed", f"{method} is not served on {path}")
+                return self._reload_now(headers)
             if method not in ("GET", "HEAD"):
                 raise ApiError(405, "method_not_allowed", "Method Not Allowed", f"{method} is not served on {path}")
+            if path == "/admin/status":
+                return self._admin_status(url.query, headers)
             if path == "/metrics":
                 return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
             if path == "/healthz":
@@ -104,6 +118,45 @@ class StatusApi:
         if not ready:
             body["reason"] = f"{len(waiting)} connection(s) not registered"
         return _json(200 if ready else 503, body)
+
+    def _operator(self, headers: Mapping[str, str]) -> None:
+        if self._authorize(headers) is not None:
+            raise ApiError(403, "forbidden", "Forbidden", "only the operator key (http.api_key) may use /admin")
+
+    def _admin_status(self, query: str, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
+        """Every connection's status (the status endpoint's body, by connection_id) and the agent's."""
+        self._operator(headers)
+        _query(query, ())
+        statuses = self._statuses()
+        problem = self._health()
+        body = {
+            **self._agent_info(),
+            "ready": self._ready() and problem is None,
+            "health": problem or "ok",
+            "summary": summary(statuses),
+            "connections": [statuses[cid].to_json() for cid in sorted(statuses)],
+        }
+        return _json(200, body)
+
+    def _reload_now(self, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
+        """Re-read the config file, as SIGHUP does, and answer with the outcome."""
+        self._operator(headers)
+        if self._reload is None:
+            raise ApiError(404, "not_found", "Not Found", "this agent cannot reload")
+        try:
+            outcome = self._reload().result(RELOAD_WAIT_SEC)
+        except concurrent.futures.TimeoutError:
+            raise ApiError(
+                504, "reload_timeout", "Gateway Timeout", f"the reload did not finish within {RELOAD_WAIT_SEC:.0f} s"
+            ) from None
+        if not outcome.applied:
+            raise ApiError(
+                422,
+                "reload_refused",
+                "Unprocessable Entity",
+                "the config file was refused, the running configuration stays: " + "; ".join(outcome.problems),
+            )
+        return _json(200, {"applied": True, **outcome.report})
 
     def _authorize(self, headers: Mapping[str, str]) -> str | None:
         """None for ``http.api_key`` (every user); the user_id of an ``http.api_keys`` key."""

@@ -1,17 +1,22 @@
 """``uac-agent run``: wire the supervisor together and run it until a signal.
 
 SIGTERM/SIGINT: every worker unregisters within ``shutdown_timeout_sec``, then
-exit 0 (a second signal exits at once, 128 + N). SIGHUP re-reads the config
-file and applies only what changed (``agent/reload.py``), each change reaching
-only the worker that holds the connection.
+exit 0 (a second signal exits at once, 128 + N). SIGHUP, or ``POST
+/admin/reload`` (``uac-agent reload``), re-reads the config file and applies
+only what changed (``agent/reload.py``), each change reaching only the worker
+that holds the connection; the main loop runs every reload, one at a time.
+Under systemd it reports readiness, reloads, its status and the watchdog
+(``agent/supervisor/systemd.py``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import resource
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -26,11 +31,13 @@ from agent.http.keys import ApiKeys
 from agent.http.server import HttpServer, StatusApi
 from agent.logs import configure_logging
 from agent.metrics import Metrics, WorkerProcessCollector
-from agent.reload import reload_from_file
+from agent.reload import ReloadOutcome, reload_outcome
+from agent.status import summary
 from agent.store import ConnectionStore, StoreError, resolve_store_path
 from agent.supervisor.errors import EngineError
 from agent.supervisor.launcher import Launcher, ZygoteLauncher
 from agent.supervisor.pool import WorkerPool
+from agent.supervisor.systemd import Notifier
 
 __all__ = ["run"]
 
@@ -72,7 +79,10 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
     registry.register(WorkerProcessCollector(pool.worker_pids))
     service.attach(pool)
     stop = threading.Event()
-    reload_requested = threading.Event()
+    # SIGHUP and POST /admin/reload queue here; list.append and list.pop are atomic,
+    # so the signal handler and the HTTP threads need no lock (a lock in a signal
+    # handler could deadlock with the main thread it interrupted).
+    reloads: list[concurrent.futures.Future[ReloadOutcome]] = []
     wake = threading.Event()  # set by the signal handlers: the main loop sleeps otherwise
     signals_seen: list[int] = []
 
@@ -84,8 +94,14 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
         stop.set()
         wake.set()
 
+    def request_reload() -> concurrent.futures.Future[ReloadOutcome]:
+        fut: concurrent.futures.Future[ReloadOutcome] = concurrent.futures.Future()
+        reloads.append(fut)
+        wake.set()
+        return fut
+
     def on_hup(_signum: int, _frame: FrameType | None) -> None:
-        reload_requested.set()  # the main loop reloads: nothing else happens in a signal handler
+        reloads.append(concurrent.futures.Future())  # the main loop reloads, not the handler
         wake.set()
 
     if install_signals:
@@ -97,7 +113,16 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
     keys = ApiKeys.from_settings(settings.http)  # one set for every endpoint; reload swaps it
     service.api_keys = keys
     connections = ConnectionsApi(service, Authenticator(keys), build_openapi, log)
-    api = StatusApi(keys, pool.statuses, pool.health, registry, connections=connections, ready=lambda: pool.ready)
+    api = StatusApi(
+        keys,
+        pool.statuses,
+        pool.health,
+        registry,
+        connections=connections,
+        ready=lambda: pool.ready,
+        reload=request_reload,
+        agent_info=lambda: {"version": __version__, "pid": os.getpid(), "workers": len(pool.worker_pids())},
+    )
     try:
         http = HttpServer(host, port, api, log)
     except OSError as e:
@@ -122,19 +147,37 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
         connections=len(settings.connections),
         store=store.path,
     )
+    systemd = Notifier(log)
+    systemd.status(summary(pool.statuses()))
+    systemd.ready()
+    # The loop wakes for a signal or a reload at once; else every 5 s (or half the
+    # watchdog interval) to check the pool, refresh STATUS= and feed the watchdog.
+    period = min(5.0, systemd.watchdog_sec or 5.0)
+    next_watchdog = 0.0
     while True:
-        wake.wait(5.0)  # a signal wakes it at once; else it checks the pool every 5 s
+        wake.wait(period)
         wake.clear()
         if stop.is_set():
             break
-        if reload_requested.is_set():
-            reload_requested.clear()
-            reload_from_file(settings.config_path, service, log)
+        pending = []
+        while reloads:
+            pending.append(reloads.pop(0))
+        if pending:  # one reload answers every request queued before it started
+            systemd.reloading()
+            outcome = reload_outcome(settings.config_path, service, log)
+            systemd.ready()
+            for fut in pending:
+                fut.set_result(outcome)
         if not pool.alive and not stop.is_set():
             log.error("worker_pool_died")
             http.stop()
             store.close()
             return 1
+        systemd.status(summary(pool.statuses()))
+        if systemd.watchdog_sec is not None and time.monotonic() >= next_watchdog:
+            systemd.watchdog(pool.health())
+            next_watchdog = time.monotonic() + systemd.watchdog_sec * 0.9
+    systemd.stopping()
     log.info(
         "signal_received",
         signal=signal.Signals(signals_seen[0]).name if signals_seen else None,

@@ -56,8 +56,8 @@ class AgentProcess:
     def sip_port_of(self, worker: int) -> int:
         return self.sip_port + worker
 
-    def start(self, timeout: float = 20.0) -> AgentProcess:
-        env = dict(os.environ)
+    def start(self, timeout: float = 20.0, env: dict[str, str] | None = None) -> AgentProcess:
+        env = {**os.environ, **(env or {})}
         env.pop("UAC_AGENT_CONFIG", None)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -85,6 +85,18 @@ class AgentProcess:
             return e.code, e.read().decode()
         except OSError:
             return 0, ""
+
+    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """``uac-agent ARGS --config <this agent's file>``, as an admin would run it."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UAC_AGENT_")}
+        return subprocess.run(
+            [sys.executable, "-m", "agent", *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=Path(__file__).resolve().parents[2],
+        )
 
     def status(self, connection_id: str, user_id: str = "323") -> dict[str, Any]:
         code, body = self.http_get(
