@@ -14,9 +14,19 @@
 #   -p 40000-40199:40000-40199/udp -p 8080:8080
 #
 # The config must set sip.bind: 0.0.0.0 and http.listen: 0.0.0.0:8080 (or
-# UAC_AGENT_SIP__BIND / UAC_AGENT_HTTP__LISTEN): the defaults (127.0.0.1) are
-# unreachable from outside the container and cannot reach a remote PBX.
+# -e UAC_AGENT_SIP__BIND=0.0.0.0 -e UAC_AGENT_HTTP__LISTEN=0.0.0.0:8080; the image
+# does not set them, so that the file's values are never silently overridden):
+# the defaults (127.0.0.1) are unreachable from outside the container. Bound to
+# 0.0.0.0, the agent tells each peer the container's address on the interface
+# that routes to it, never 0.0.0.0. Behind NAT (published ports, not host
+# networking), tell peers the public address instead (docs/configuration.md#nat):
+#   -e UAC_AGENT_SIP__EXTERNAL_SIGNALING_ADDRESS=203.0.113.10
+#   -e UAC_AGENT_SIP__EXTERNAL_MEDIA_ADDRESS=203.0.113.10      (default: the same)
+#   -e 'UAC_AGENT_SIP__LOCAL_NETS=["10.0.0.0/8"]'               (peers told the local address)
 # The HEALTHCHECK assumes the HTTP port is 8080.
+# `docker exec <container> uac-agent status` shows every connection.
+# This project's CI has no container engine: the image is not built there; its
+# install step (pip install of the project) is the one the tests use.
 # pjsua2-python ships x86_64 wheels only: build for linux/amd64.
 # `docker stop` waits 10 s by default: keep shutdown_timeout_sec well below the
 # stop timeout so every binding is unregistered before SIGKILL.
@@ -59,9 +69,10 @@ VOLUME ["/var/lib/uac-agent"]
 
 USER 10001:10001
 
-# /healthz answers 200 while the supervisor and its worker pool run (a worker
-# being replaced does not make it fail), 503 otherwise; urlopen raises
-# on 503 or a refused connection, so the check exits 1 (with a traceback).
+# /healthz answers 200 while the supervisor and its worker pool answer and every
+# worker's heartbeat is fresh (a worker being replaced does not make it fail),
+# 503 otherwise; urlopen raises on 503 or a refused connection, so the check
+# exits 1 (with a traceback).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4).status != 200)"]
 

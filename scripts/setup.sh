@@ -14,6 +14,7 @@ command -v kamailio >/dev/null || need+=(kamailio)
 ls /usr/lib/*/kamailio/modules/tls.so >/dev/null 2>&1 || need+=(kamailio-tls-modules)
 command -v openssl >/dev/null || need+=(openssl)
 command -v promtool >/dev/null || need+=(prometheus)  # promtool checks deploy/prometheus
+command -v systemd-analyze >/dev/null || need+=(systemd)  # verifies config/uac-agent.service
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
