@@ -18,7 +18,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -516,7 +516,22 @@ class _FileSource(PydanticBaseSettingsSource):
         return read_config_file(path)
 
 
-class AgentSettings(BaseSettings):
+class _FileAndEnvironment(BaseSettings):
+    """Settings read from ``UAC_AGENT_*`` variables over the config file (the environment wins)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+
+class AgentSettings(_FileAndEnvironment):
     model_config = SettingsConfigDict(
         env_prefix="UAC_AGENT_",
         env_nested_delimiter="__",
@@ -564,17 +579,6 @@ class AgentSettings(BaseSettings):
     def config_path(self) -> Path | None:
         """The file these settings were read from (None: environment only)."""
         return self._config_path
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _FileSource(settings_cls))
 
     @model_validator(mode="after")
     def _ports(self) -> AgentSettings:
@@ -746,12 +750,20 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
     env_problems = unknown_env_settings(os.environ if environ is None else environ)
     if env_problems:
         raise ConfigError(env_problems)
+    settings = _read(AgentSettings, path, environ)
+    settings._config_path = path
+    return settings
+
+
+S = TypeVar("S", bound="_FileAndEnvironment")
+
+
+def _read(cls: type[S], path: Path | None, environ: Mapping[str, str] | None) -> S:
+    """``cls`` filled by the file and the environment; ConfigError with one line per problem."""
     data = read_config_file(path) if path is not None else None
     token = _config_file.set(path)
     try:
-        settings = AgentSettings()  # filled by the file and environment sources
-        settings._config_path = path
-        return settings
+        return cls()
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, data)) from None
     except SettingsError as e:  # a UAC_AGENT_* value that is not valid JSON where JSON is expected
@@ -760,7 +772,7 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
         _config_file.reset(token)
 
 
-class ClientSettings(BaseSettings):
+class ClientSettings(_FileAndEnvironment):
     """What the commands that talk to a running agent (``status``, ``reload``, ``register``,
     ``unregister``) need: where it listens and the operator key, from the same file and
     environment as ``run``. The rest is not read: an admin may run them without being able to
@@ -769,17 +781,6 @@ class ClientSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="UAC_AGENT_", env_nested_delimiter="__", extra="ignore")
 
     http: HttpSettings
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _FileSource(settings_cls))
 
     @property
     def base_url(self) -> str:
@@ -791,16 +792,7 @@ class ClientSettings(BaseSettings):
 
 def load_client_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> ClientSettings:
     """Read only the ``http`` section of ``path`` and the environment; raise ConfigError on a problem."""
-    data = read_config_file(path) if path is not None else None
-    token = _config_file.set(path)
-    try:
-        return ClientSettings()
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, data)) from None
-    except SettingsError as e:
-        raise ConfigError(_env_json_problems(str(e), os.environ if environ is None else environ)) from None
-    finally:
-        _config_file.reset(token)
+    return _read(ClientSettings, path, environ)
 
 
 _SETTINGS_FIELD = re.compile(r'field "([a-z_]+)"')

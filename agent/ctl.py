@@ -145,12 +145,20 @@ def all_registered(status: Mapping[str, Any]) -> bool:
     )
 
 
-def run_status(client: Client, out: TextIO, err: TextIO, as_json: bool = False) -> int:
+def _ask(client: Client, method: str, path: str, err: TextIO, timeout: float | None = None) -> tuple[int, Any] | None:
+    """The agent's answer; None (and the reason on ``err``) when it cannot be asked."""
     try:
-        code, body = client.call("GET", "/admin/status")
+        return client.call(method, path, timeout=timeout)
     except AgentUnreachableError as e:
         print(f"uac-agent: {e}", file=err)
+        return None
+
+
+def run_status(client: Client, out: TextIO, err: TextIO, as_json: bool = False) -> int:
+    answer = _ask(client, "GET", "/admin/status", err)
+    if answer is None:
         return UNREACHABLE
+    code, body = answer
     if code != 200 or not isinstance(body, Mapping):
         print(f"uac-agent: status failed ({code}): {error_text(body)}", file=err)
         return UNREACHABLE
@@ -159,15 +167,15 @@ def run_status(client: Client, out: TextIO, err: TextIO, as_json: bool = False) 
 
 
 def run_reload(client: Client, out: TextIO, err: TextIO) -> int:
-    try:
-        code, body = client.call("POST", "/admin/reload", timeout=max(client.timeout, 130.0))
-    except AgentUnreachableError as e:
-        print(f"uac-agent: {e}", file=err)
+    answer = _ask(client, "POST", "/admin/reload", err, timeout=max(client.timeout, 130.0))
+    if answer is None:
         return UNREACHABLE
+    code, body = answer
     if code != 200 or not isinstance(body, Mapping):
         print(f"uac-agent: reload refused: {error_text(body)}", file=err)
         return NOT_OK
-    parts = [f"{k} {', '.join(body[k]) or '-'}" for k in ("added", "removed", "changed") if isinstance(body[k], list)]
+    lists = {k: body.get(k) for k in ("added", "removed", "changed")}
+    parts = [f"{k} {', '.join(v) or '-'}" for k, v in lists.items() if isinstance(v, list)]
     print(f"reload applied: {'; '.join(parts)}", file=out)
     if body.get("needs_restart"):
         print(f"uac-agent: not applied until a restart: {', '.join(body['needs_restart'])}", file=err)
