@@ -111,16 +111,22 @@ def _in_local_nets(sip: SipSettings, peer_ip: str | None) -> bool:
 
 
 def advertised_for(sip: SipSettings, peer_host: str | None) -> Advertised:
-    """The addresses advertised to the peer ``peer_host`` (a registrar, a proxy or a destination)."""
-    peer_ip = resolve_ip(peer_host) if peer_host else None
+    """The addresses advertised to the peer ``peer_host`` (a registrar, a proxy or a destination).
+
+    The peer's host name is looked up only when the answer depends on it (``local_nets``, or a
+    wildcard bind without an external address)."""
     external = sip.external_signaling_address
     external_media = sip.external_media_address or external
+    media_bound = sip.effective_rtp_address
+    needs_peer = (external and sip.local_nets) or (
+        not external and (is_wildcard(sip.bind) or is_wildcard(media_bound))
+    )
+    peer_ip = resolve_ip(peer_host) if peer_host and needs_peer else None
     if external and not _in_local_nets(sip, peer_ip):
         return Advertised(external, external_media, "sip.external_signaling_address")
     local = None if peer_ip is None else route_source(peer_ip)
     why = "in sip.local_nets" if external else "no external address set"
     signaling = sip.bind if not is_wildcard(sip.bind) else local
-    media_bound = sip.effective_rtp_address
     media = media_bound if not is_wildcard(media_bound) else local
     if signaling is None:
         why += "; the peer's address is unknown: the stack's choice"
