@@ -15,6 +15,7 @@ ls /usr/lib/*/kamailio/modules/tls.so >/dev/null 2>&1 || need+=(kamailio-tls-mod
 command -v openssl >/dev/null || need+=(openssl)
 command -v promtool >/dev/null || need+=(prometheus)  # promtool checks deploy/prometheus
 command -v systemd-analyze >/dev/null || need+=(systemd)  # verifies config/uac-agent.service
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)  # a real DNS server (SRV) for the DNS tests
 python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
