@@ -115,6 +115,17 @@ class RegistrationKnobs(_Strict):
     retry_max_sec: Annotated[float, Field(gt=0, le=86400)] | None = None
     forbidden_retry_interval: Annotated[float, Field(ge=1, le=86400)] | None = None
     register_timeout_sec: Annotated[float, Field(ge=5, le=300)] | None = None
+    # OPTIONS to the registrar (or outbound proxy) this often; 0 turns it off (agent/core/liveness.py).
+    keepalive_interval_sec: Annotated[float, Field(ge=0, le=3600)] | None = None
+    # Keepalive windows without an answer, in a row, before the registrar counts as unreachable.
+    keepalive_misses: Annotated[int, Field(ge=1, le=100)] | None = None
+
+    @field_validator("keepalive_interval_sec")
+    @classmethod
+    def _ka(cls, v: float | None) -> float | None:
+        if v is not None and 0 < v < 5:
+            raise ValueError("must be 0 (off) or at least 5 seconds")
+        return v
 
     def merged(self, base: RegistrationKnobs) -> RegistrationKnobs:
         data = base.model_dump()
@@ -129,6 +140,8 @@ DEFAULT_KNOBS = RegistrationKnobs(
     retry_max_sec=1800.0,
     forbidden_retry_interval=300.0,
     register_timeout_sec=40.0,
+    keepalive_interval_sec=30.0,
+    keepalive_misses=2,
 )
 
 
@@ -655,6 +668,8 @@ class AgentSettings(_FileAndEnvironment):
             forbidden_retry_interval_sec=k.forbidden_retry_interval,
             register_timeout_sec=k.register_timeout_sec,
             unregister_timeout_sec=self.shutdown_timeout_sec,
+            keepalive_interval_sec=k.keepalive_interval_sec or 0.0,
+            keepalive_misses=k.keepalive_misses or 2,
         )
 
 

@@ -92,6 +92,13 @@ class Metrics:
             label,
             registry=registry,
         )
+        self.registrar_reachable = Gauge(
+            "uac_agent_registrar_reachable",
+            "1 while the registrar (or outbound proxy) answers keepalives and REGISTERs; 0 after "
+            "registration.keepalive_misses windows in a row without an answer.",
+            label,
+            registry=registry,
+        )
         self.flows_lost = Counter(
             "uac_agent_transport_flows_lost",
             "TCP/TLS transport disconnects (dropped flows and failed connects).",
@@ -187,6 +194,7 @@ class Metrics:
             self.failures,
             self.next_action,
             self.calls_active,
+            self.registrar_reachable,
         ):
             try:
                 gauge.remove(connection_id)
@@ -215,6 +223,13 @@ class Metrics:
         self.expires.labels(connection_id=cid).set(st.granted_expires or 0)
         self.failures.labels(connection_id=cid).set(st.consecutive_failures)
         self.next_action.labels(connection_id=cid).set(st.next_action_at or 0)
+        if st.connection.registers:
+            self.registrar_reachable.labels(connection_id=cid).set(0 if st.registrar_reachable is False else 1)
+        else:
+            try:
+                self.registrar_reachable.remove(cid)
+            except KeyError:
+                pass
         text = st.last_registration_response
         old = self._last_info.get(cid)
         if text != old:

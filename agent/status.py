@@ -54,6 +54,10 @@ class ConnectionStatus:
     attempts: int
     worker: int | None = None  # index of the worker process holding it (None: on none)
     worker_pid: int | None = None
+    registrar_reachable: bool | None = None  # None: not probed yet, or keepalives off
+    keepalive_misses: int = 0
+    last_keepalive: str | None = None
+    registrar_answered_at: float | None = None
 
     @property
     def uptime_sec(self) -> float | None:
@@ -113,6 +117,10 @@ class ConnectionStatus:
                 "last_response_code": self.last_response_code,
                 "worker": self.worker,
                 "worker_pid": self.worker_pid,
+                "registrar_reachable": self.registrar_reachable,
+                "keepalive_misses": self.keepalive_misses,
+                "last_keepalive": self.last_keepalive,
+                "registrar_answered_at": iso(self.registrar_answered_at),
             },
         }
 
@@ -153,6 +161,10 @@ def build_status(
         attempts=snap.attempts,
         worker=worker,
         worker_pid=worker_pid,
+        registrar_reachable=snap.registrar_reachable,
+        keepalive_misses=snap.keepalive_misses,
+        last_keepalive=snap.last_keepalive,
+        registrar_answered_at=snap.registrar_answered_at,
     )
 
 
@@ -207,4 +219,6 @@ def worker_down_snapshot(last: PolicySnapshot, text: str, at: float) -> PolicySn
         next_action_at=None,
         registered_since=None,
         uptime_sec=None,
+        registrar_reachable=None,  # unknown until a worker probes it again
+        keepalive_misses=0,
     )

@@ -104,6 +104,9 @@ class PolicySettings:
     register_timeout_sec: float = 40.0
     unregister_timeout_sec: float = 5.0
     retry_after_max_sec: float = 86400.0
+    # Registrar liveness (agent/core/liveness.py), run beside the policy by the worker.
+    keepalive_interval_sec: float = 30.0
+    keepalive_misses: int = 2
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,11 @@ class PolicySnapshot:
     registered_since: float | None  # wall time
     uptime_sec: float | None
     attempts: int
+    # Registrar liveness (agent/core/liveness.py), filled in by the worker beside the policy.
+    registrar_reachable: bool | None = None
+    keepalive_misses: int = 0
+    last_keepalive: str | None = None
+    registrar_answered_at: float | None = None  # wall time of the registrar's last SIP answer
 
 
 @dataclass
@@ -395,6 +403,11 @@ class RegistrationPolicy:
     @property
     def registration_status(self) -> RegistrationStatus:
         return self._update_status()
+
+    @property
+    def keeps_registering(self) -> bool:
+        """Registered or backing off, no REGISTER in flight, no stop asked for: a keepalive may go."""
+        return self.state in (RegState.REGISTERED, RegState.RETRY_WAIT) and not self._stop_requested
 
     @property
     def finished(self) -> bool:

@@ -25,6 +25,7 @@ from agent.worker.events import (
     CallMedia,
     CallState,
     IncomingCall,
+    KeepaliveResult,
     RegResult,
     RegStarted,
     SipEvent,
@@ -232,6 +233,21 @@ class _Account(pj.Account):  # type: ignore[misc]
         except Exception as e:
             self._sink(StackLog(level=1, message=f"onRegState failed: {e!r}"))
 
+    def onSendRequest(self, prm: Any) -> None:  # noqa: N802 - the end of a keepalive OPTIONS
+        if self.removed:
+            return
+        try:
+            tsx_event = prm.e.body.tsxState
+            tsx = tsx_event.tsx
+            received = int(tsx_event.type) == pj.PJSIP_EVENT_RX_MSG
+            self._sink(
+                KeepaliveResult(
+                    key=self.key, code=int(tsx.statusCode), reason=str(tsx.statusText), received=received
+                )
+            )
+        except Exception as e:
+            self._sink(StackLog(level=1, message=f"onSendRequest failed: {e!r}"))
+
 
 class PjsuaAdapter:
     """One pjsua2 Endpoint with UDP/TCP(/TLS) transports and up to 8 accounts."""
@@ -427,6 +443,20 @@ class PjsuaAdapter:
             raise AdapterError(f"connection {key} has no account")
         try:
             acc.setRegistration(renew)
+        except Exception as e:
+            raise AdapterError(_err(e)) from None
+
+    def send_keepalive(self, key: str, target_uri: str) -> None:
+        """An OPTIONS from account ``key`` to ``target_uri`` over its transport and route set; its end
+        comes back as a KeepaliveResult."""
+        acc = self._accounts.get(key)
+        if acc is None:
+            raise AdapterError(f"connection {key} has no account")
+        prm = pj.SendRequestParam()
+        prm.method = "OPTIONS"
+        prm.txOption.targetUri = target_uri
+        try:
+            acc.sendRequest(prm)
         except Exception as e:
             raise AdapterError(_err(e)) from None
 

@@ -22,11 +22,12 @@ import os
 import queue
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.core.clock import Clock
-from agent.core.policy import Action, Outcome, RegisterResponse, RegistrationPolicy, RegState
+from agent.core.liveness import RegistrarProbe
+from agent.core.policy import Action, Outcome, PolicySnapshot, RegisterResponse, RegistrationPolicy, RegState
 from agent.ipc.messages import (
     Apply,
     Command,
@@ -56,6 +57,7 @@ from agent.worker.events import (
     CallMedia,
     CallState,
     IncomingCall,
+    KeepaliveResult,
     RegResult,
     RegStarted,
     SipEvent,
@@ -96,8 +98,10 @@ class _Wait:
 class _Conn:
     spec: ConnSpec
     policy: RegistrationPolicy
+    probe: RegistrarProbe
     log: Any
     has_account: bool = False
+    reachable: bool | None = None  # last logged registrar liveness
     last_state: tuple[object, ...] = field(default_factory=tuple)  # for state_changed lines
     last_sent: tuple[object, ...] = field(default_factory=tuple)  # for StateChanged messages
 
@@ -245,9 +249,9 @@ class WorkerEngine:
         cap = BUSY_CAP_SEC if busy or (self._router is not None and self._router.busy) else IDLE_CAP_SEC
         due = now + cap
         for c in self._conns.values():
-            d = c.policy.next_deadline()
-            if d is not None and d < due:
-                due = d
+            for d in (c.policy.next_deadline(), c.probe.next_deadline()):
+                if d is not None and d < due:
+                    due = d
         if self._router is not None:
             d = self._router.next_deadline()
             if d is not None and d < due:
@@ -299,8 +303,9 @@ class WorkerEngine:
     def _add(self, spec: ConnSpec) -> None:
         adapter = self._adapter
         policy = RegistrationPolicy(spec.policy, self._clock, self._rng)
+        probe = RegistrarProbe(spec.policy.keepalive_interval_sec, spec.policy.keepalive_misses, self._clock)
         log = self._log.bind(connection_id=spec.connection_id)
-        c = _Conn(spec=spec, policy=policy, log=log)
+        c = _Conn(spec=spec, policy=policy, probe=probe, log=log)
         acc = spec.account
         adapter.add_account(acc)
         self._conns[spec.connection_id] = c
@@ -320,8 +325,10 @@ class WorkerEngine:
     def _step(self, adapter: Any, c: _Conn) -> None:
         action = c.policy.poll()
         while c.policy.timeouts:
+            c.probe.on_register_result(answered=False)
             self._report(c, c.policy.timeouts.pop(0), 408)
         if action is None:
+            self._keepalive(adapter, c)
             self._note_state(c, None)
             return
         key = c.spec.connection_id
@@ -337,6 +344,45 @@ class WorkerEngine:
             self._report(c, outcome, 0)
         self._note_state(c, None)
 
+    def _keepalive(self, adapter: Any, c: _Conn) -> None:
+        """Send a keepalive when one is due (agent/core/liveness.py)."""
+        if not c.probe.poll(allowed=c.policy.keeps_registering):
+            self._note_liveness(c)
+            return
+        acc = c.spec.account
+        target = acc.proxies[0].replace(";lr", "") if acc.proxies else acc.registrar_uri
+        try:
+            adapter.send_keepalive(c.spec.connection_id, target)
+            c.log.debug("keepalive_sent", target=target)
+        except Exception as e:
+            c.probe.on_failure(f"keepalive not sent: {e}")
+        self._note_liveness(c)
+
+    def _keepalive_result(self, c: _Conn, ev: KeepaliveResult) -> None:
+        if ev.received:
+            if c.probe.on_answer(ev.code, ev.reason) and c.policy.keeps_registering:
+                # the registrar is back: whatever it lost, the binding is restored now
+                c.log.info("registrar_answering_again", response=f"{ev.code} {ev.reason}".strip())
+                c.policy.request_refresh()
+        else:
+            c.probe.on_failure(f"{ev.code} {ev.reason}".strip() or "no answer")
+        self._note_liveness(c)
+
+    def _note_liveness(self, c: _Conn) -> None:
+        reachable, was = c.probe.reachable, c.reachable
+        if reachable == was:
+            return
+        c.reachable = reachable
+        if reachable is False:
+            c.log.warning(
+                "registrar_unreachable",
+                misses=c.probe.misses,
+                last_keepalive=c.probe.last_probe,
+                registered=c.policy.registered,
+            )
+        elif reachable and was is False:
+            c.log.info("registrar_reachable")
+
     def _dispatch(self) -> None:
         if not self._events:
             return
@@ -347,7 +393,14 @@ class WorkerEngine:
                 if c is None:
                     continue
                 outcome = c.policy.on_response(to_register_response(ev))
+                if not outcome.ignored and not outcome.unregister:
+                    c.probe.on_register_result(answered=ev.received)
+                    self._note_liveness(c)
                 self._report(c, outcome, ev.code)
+            elif isinstance(ev, KeepaliveResult):
+                c = self._conns.get(ev.key)
+                if c is not None:
+                    self._keepalive_result(c, ev)
             elif isinstance(ev, TransportDown):
                 self._flow_lost(ev)
             elif isinstance(ev, RegStarted):
@@ -426,10 +479,22 @@ class WorkerEngine:
     def _publish(self) -> None:
         """Send the snapshot of every connection whose visible state changed."""
         for cid, c in self._conns.items():
-            key = c.policy.change_key()
+            key = (*c.policy.change_key(), c.probe.view())
             if key != c.last_sent:
                 c.last_sent = key
-                self.emit(StateChanged(cid, c.policy.snapshot()))
+                self.emit(StateChanged(cid, self._snapshot(c)))
+
+    def _snapshot(self, c: _Conn) -> PolicySnapshot:
+        view = c.probe.view()
+        answered = view.last_answer_at
+        wall = None if answered is None else self._clock.time() + (answered - self._clock.monotonic())
+        return replace(
+            c.policy.snapshot(),
+            registrar_reachable=view.reachable,
+            keepalive_misses=view.misses,
+            last_keepalive=view.last_probe,
+            registrar_answered_at=wall,
+        )
 
     def _flow_lost(self, ev: TransportDown) -> None:
         kind = ev.kind.upper()
@@ -545,6 +610,8 @@ class WorkerEngine:
         if old.spec.account == spec.account:
             old.spec = spec
             old.policy.settings = spec.policy
+            old.probe.interval = spec.policy.keepalive_interval_sec
+            old.probe.misses_allowed = max(1, spec.policy.keepalive_misses)
             old.log.info("connection_updated", reregister=False)
             return "updated"
         old.log.info("connection_replacing", registered=old.policy.registered)

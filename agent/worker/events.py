@@ -9,6 +9,7 @@ __all__ = [
     "CallMedia",
     "CallState",
     "IncomingCall",
+    "KeepaliveResult",
     "RegResult",
     "RegStarted",
     "SipEvent",
@@ -34,6 +35,16 @@ class RegResult:
     source: str  # "ip:port" of the registrar that answered
     retry_after: int | None
     min_expires: int | None
+
+
+@dataclass(frozen=True)
+class KeepaliveResult:
+    """The end of a keepalive OPTIONS an account sent (agent/core/liveness.py)."""
+
+    key: str
+    code: int
+    reason: str
+    received: bool  # a SIP response came back (False: timeout, transport error)
 
 
 @dataclass(frozen=True)
@@ -83,4 +94,14 @@ class CallDtmf:
     duration_ms: int
 
 
-SipEvent = RegStarted | RegResult | TransportDown | StackLog | IncomingCall | CallState | CallMedia | CallDtmf
+SipEvent = (
+    RegStarted
+    | RegResult
+    | KeepaliveResult
+    | TransportDown
+    | StackLog
+    | IncomingCall
+    | CallState
+    | CallMedia
+    | CallDtmf
+)

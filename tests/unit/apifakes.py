@@ -40,7 +40,7 @@ from agent.store import ConnectionStore, resolve_store_path
 from agent.supervisor.launcher import Launched
 from agent.supervisor.pool import WorkerPool
 from agent.worker.engine import WorkerEngine
-from agent.worker.events import RegResult, SipEvent
+from agent.worker.events import KeepaliveResult, RegResult, SipEvent
 from agent.worker.main import serve
 
 KEY = "operator-key-0123456789"
@@ -107,6 +107,12 @@ class FakeAdapter:
             self._answer(key, 401, "Unauthorized", 0)
         else:
             self._answer(key, 200, "OK", spec.expires)
+
+    def send_keepalive(self, key: str, target_uri: str) -> None:
+        with self._stack.lock:
+            self._stack.sent.append((key, "keepalive", target_uri))
+        with self._lock:
+            self._pending.append(KeepaliveResult(key, 200, "OK", True))
 
     def unregister(self, key: str) -> None:
         spec = self._stack.accounts[key]
