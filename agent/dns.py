@@ -3,8 +3,9 @@
 Rules
 -----
 * The supervisor calls ``Resolver.resolve`` in a thread of its own, never on a SIP
-  thread: it blocks (each DNS query for at most ``timeout`` seconds), is thread-safe
-  and never raises. A failure is a ``Resolution`` with ``error`` set and no targets.
+  thread: it blocks (each DNS query for at most ``timeout`` seconds, plus at most
+  0.2 s of dnspython's back-off), is thread-safe and never raises. A failure is a
+  ``Resolution`` with ``error`` set and no targets.
 * The transport is already chosen by the config (UDP, TCP or TLS); for it:
   1. an IP literal host is the one target (the URI's port, else 5060, 5061 for
      TLS); no DNS query;
@@ -17,10 +18,13 @@ Rules
      ``_sip._tcp.<host>`` or ``_sips._tcp.<host>``. Each SRV target's A records (or
      AAAA when it has none) give one target per address, in a row, in the order
      ``order_srv`` draws (RFC 2782: ascending priority, weighted random within one).
+     SRV records whose targets have no address give an error, not this fallback.
      Without any SRV record: the host's A (or AAAA) records with the default port.
-* A timeout stops the resolution at once: the error names the nameservers and the
-  timeout. NXDOMAIN and empty answers go on to the next step; any other DNS failure
-  (SERVFAIL, REFUSED, ...) too, and is the error when no target is found at all.
+* A timeout stops the resolution at once (``DNS: no answer from <nameservers>
+  within <timeout> s for <name> (<type>)``). NXDOMAIN and empty answers go on to
+  the next step, ending in ``DNS: no SRV or A record for <host>`` (``DNS: no A or
+  AAAA record for <host>`` with an explicit port). Any other failure (SERVFAIL,
+  REFUSED, ...) goes on too, and the last one is the error when no target is found.
   Errors are one line starting ``DNS:``, never an exception's repr.
 * Answers are cached per (host, port, transport) until the smallest TTL of the
   records used has passed; failures for ``negative_ttl`` seconds. A cached answer
@@ -99,7 +103,7 @@ class Resolution:
     name: str
     targets: tuple[Target, ...]
     error: str | None
-    expires_at: float  # clock() time until which this answer may be used
+    expires_at: float  # clock() time until which this answer may be used (a day for an IP literal)
     from_cache: bool
 
 
@@ -423,7 +427,7 @@ class Resolver:
         except _StopError as stop:
             return None, stop.text, None
         if plan is None:
-            return None, q.errors[0] if q.errors else None, None
+            return None, q.errors[-1] if q.errors else None, None
         return plan, None, q.min_ttl
 
     @staticmethod
