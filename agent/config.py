@@ -318,6 +318,28 @@ class SipSettings(_Strict):
     external_signaling_address: str | None = None
     external_media_address: str | None = None
     local_nets: list[Network] = Field(default_factory=list)
+    # DNS servers for proxy/outbound_proxy/destination host names ("IP" or "IP:port");
+    # empty: the system's (/etc/resolv.conf). Looked up by the supervisor, never on a
+    # SIP thread (agent/dns.py, docs/dns.md).
+    nameservers: list[str] = Field(default_factory=list)
+    dns_timeout_sec: Annotated[float, Field(gt=0, le=30)] = 2.0
+
+    @field_validator("nameservers", mode="before")
+    @classmethod
+    def _ns_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("nameservers")
+    @classmethod
+    def _ns(cls, v: list[str]) -> list[str]:
+        from agent.dns import parse_nameserver
+
+        for item in v:
+            try:
+                parse_nameserver(item)
+            except ValueError:
+                raise ValueError(f"{item!r} must be IP or IP:port, e.g. 127.0.0.1:5353 or [::1]:53") from None
+        return v
 
     @field_validator("external_signaling_address", "external_media_address")
     @classmethod

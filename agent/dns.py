@@ -20,6 +20,10 @@ Rules
      ``order_srv`` draws (RFC 2782: ascending priority, weighted random within one).
      SRV records whose targets have no address give an error, not this fallback.
      Without any SRV record: the host's A (or AAAA) records with the default port.
+* Without ``nameservers`` (the system's resolver), a name in the hosts file
+  (``/etc/hosts``) gives its addresses there before any A/AAAA query, as the
+  system's "files dns" order does (``localhost``, lab names); such an answer is
+  used for HOSTS_TTL. SRV and NAPTR come from DNS only.
 * A timeout stops the resolution at once (``DNS: no answer from <nameservers>
   within <timeout> s for <name> (<type>)``). NXDOMAIN and empty answers go on to
   the next step, ending in ``DNS: no SRV or A record for <host>`` (``DNS: no A or
@@ -34,6 +38,7 @@ Rules
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import threading
 import time
@@ -216,13 +221,58 @@ class _Plan:
     plain: tuple[Target, ...]
 
 
+HOSTS_FILE = "/etc/hosts"
+HOSTS_TTL = 300.0  # how long an answer from the hosts file is used
+_hosts_cache: tuple[float, dict[str, tuple[str, ...]]] | None = None
+_hosts_lock = threading.Lock()
+
+
+def hosts_file(path: str = HOSTS_FILE) -> dict[str, tuple[str, ...]]:
+    """The hosts file's names (lower case) and their addresses, re-read when the file changes."""
+    global _hosts_cache
+    try:
+        mtime = os.stat(path).st_mtime
+    except OSError:
+        return {}
+    with _hosts_lock:
+        if _hosts_cache is not None and _hosts_cache[0] == mtime:
+            return _hosts_cache[1]
+    table: dict[str, list[str]] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2:
+            continue
+        try:
+            ip = str(ipaddress.ip_address(fields[0].split("%", 1)[0]))
+        except ValueError:
+            continue
+        for name in fields[1:]:
+            table.setdefault(name.lower().rstrip("."), []).append(ip)
+    result = {k: tuple(dict.fromkeys(v)) for k, v in table.items()}
+    with _hosts_lock:
+        _hosts_cache = (mtime, result)
+    return result
+
+
 class _Lookup:
     """One resolution's queries: a dnspython resolver, the smallest TTL seen, the non-timeout errors."""
 
-    def __init__(self, resolver: dns.resolver.Resolver, servers: Sequence[tuple[str, int]], timeout: float) -> None:
+    def __init__(
+        self,
+        resolver: dns.resolver.Resolver,
+        servers: Sequence[tuple[str, int]],
+        timeout: float,
+        hosts: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self.resolver = resolver
         self.servers = servers
         self.timeout = timeout
+        self.hosts = hosts  # the hosts file, consulted first (the system resolver's "files dns")
         self.min_ttl: float | None = None
         self.errors: list[str] = []
 
@@ -253,6 +303,11 @@ class _Lookup:
 
     def addresses(self, name: str) -> tuple[tuple[str, ...], str]:
         """``name``'s IPv4 addresses, or its IPv6 ones when it has none; and which record type gave them."""
+        listed = self.hosts.get(name.lower()) if self.hosts is not None else None
+        if listed:
+            v4 = tuple(ip for ip in listed if ":" not in ip)
+            self.min_ttl = HOSTS_TTL if self.min_ttl is None else min(self.min_ttl, HOSTS_TTL)
+            return (v4 or listed), "hosts"
         for rdtype, via in ((dns.rdatatype.A, "A"), (dns.rdatatype.AAAA, "AAAA")):
             ips = tuple(dict.fromkeys(str(getattr(r, "address", "")) for r in self.query(name, rdtype)))
             ips = tuple(ip for ip in ips if ip)
@@ -421,7 +476,7 @@ class Resolver:
             return None, f"DNS: no resolver configuration ({_first_line(e)})", None
         except (OSError, ValueError) as e:
             return None, f"DNS: no resolver configuration ({e})", None
-        q = _Lookup(resolver, servers, self.timeout)
+        q = _Lookup(resolver, servers, self.timeout, hosts_file() if not self._servers else None)
         try:
             plan = self._find(q, name, port, transport)
         except _StopError as stop:

@@ -99,6 +99,13 @@ class Metrics:
             label,
             registry=registry,
         )
+        self.failovers = Counter(
+            "uac_agent_failovers",
+            "Requests sent on to the next DNS target after 408, 480, 503, 504 or no answer "
+            "(kind: registration, leg_b).",
+            ["connection_id", "kind"],
+            registry=registry,
+        )
         self.flows_lost = Counter(
             "uac_agent_transport_flows_lost",
             "TCP/TLS transport disconnects (dropped flows and failed connects).",

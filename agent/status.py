@@ -58,6 +58,7 @@ class ConnectionStatus:
     keepalive_misses: int = 0
     last_keepalive: str | None = None
     registrar_answered_at: float | None = None
+    target: str | None = None  # the DNS target REGISTERs go to, when the next hop is a host name
 
     @property
     def uptime_sec(self) -> float | None:
@@ -121,6 +122,7 @@ class ConnectionStatus:
                 "keepalive_misses": self.keepalive_misses,
                 "last_keepalive": self.last_keepalive,
                 "registrar_answered_at": iso(self.registrar_answered_at),
+                "target": self.target,
             },
         }
 
@@ -165,6 +167,7 @@ def build_status(
         keepalive_misses=snap.keepalive_misses,
         last_keepalive=snap.last_keepalive,
         registrar_answered_at=snap.registrar_answered_at,
+        target=snap.target,
     )
 
 

@@ -166,6 +166,8 @@ class PolicySnapshot:
     keepalive_misses: int = 0
     last_keepalive: str | None = None
     registrar_answered_at: float | None = None  # wall time of the registrar's last SIP answer
+    # The target REGISTERs go to when the next hop is a host name (agent/core/targets.py).
+    target: str | None = None
 
 
 @dataclass
@@ -289,8 +291,12 @@ class RegistrationPolicy:
         self._move(RegState.STOPPED)
         return None
 
-    def on_response(self, resp: RegisterResponse) -> Outcome:
-        """A final answer (or a failure) for the REGISTER in flight."""
+    def on_response(self, resp: RegisterResponse, failover: bool = False) -> Outcome:
+        """A final answer (or a failure) for the REGISTER in flight.
+
+        ``failover``: the caller sends the next REGISTER to another of the registrar's
+        targets (agent/core/targets.py): a failure then retries at once, without
+        counting toward the backoff."""
         now = self.clock.monotonic()
         attempt = self._attempt
         duration: float | None
@@ -342,6 +348,10 @@ class RegistrationPolicy:
             self._move(RegState.RETRY_WAIT)
             delay = 0.0
             self._schedule(delay, "register")
+        elif failover and cls is not ResponseClass.SUCCESS:
+            self._move(RegState.RETRY_WAIT)
+            delay = 0.0
+            self._schedule(delay, "failover")
         else:
             self.failures += 1
             if cls is ResponseClass.SUCCESS:
@@ -403,6 +413,11 @@ class RegistrationPolicy:
     @property
     def registration_status(self) -> RegistrationStatus:
         return self._update_status()
+
+    @property
+    def next_kind(self) -> str | None:
+        """What the next scheduled REGISTER is: register, refresh, retry, failover (None: none)."""
+        return self._next_kind
 
     @property
     def keeps_registering(self) -> bool:

@@ -40,7 +40,10 @@ __all__ = [
     "Done",
     "ErrorKind",
     "Event",
+    "Failover",
     "FlowLost",
+    "Hop",
+    "HopTarget",
     "InboundRejected",
     "Log",
     "Ping",
@@ -113,6 +116,26 @@ class AccountSpec:
 
 
 @dataclass(frozen=True)
+class HopTarget:
+    """One place a next hop's requests may go (agent/dns.py found it)."""
+
+    uri: str  # where to send: sip:IP:PORT[;transport=tcp]; for TLS the host name the certificate must name
+    label: str  # for status and logs: "pbx1.example.com 192.0.2.10:5060 (SRV _sip._udp.example.com, priority 10)"
+
+
+@dataclass(frozen=True)
+class Hop:
+    """A next hop given by a host name, resolved by the supervisor (never on a SIP thread).
+
+    ``targets`` in failover order; none, with ``error``, when the lookup failed.
+    """
+
+    name: str  # the host looked up, e.g. "pbx.example.com"
+    targets: tuple[HopTarget, ...]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class Route:
     """How a connection's calls from its PBX are forwarded (``internal_uac_settings``)."""
 
@@ -125,6 +148,10 @@ class Route:
     # What the destination is told on leg B (agent/addresses.py); None: the worker's default.
     leg_b_host: str | None = None
     leg_b_media: str | None = None
+    # The addresses the PBX's hosts resolved to (calls from them are allowed), resolved by the supervisor.
+    pbx_addresses: tuple[str, ...] = ()
+    # Leg B's targets when the destination's host is a name (None: an IP literal, sent as it is).
+    destination_hop: Hop | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +168,8 @@ class ConnSpec:
     route: Route
     # Register at once instead of after the start-up stagger (added at runtime, or a worker restart).
     register_at_once: bool = False
+    # Where REGISTERs (and keepalives) go when the next hop (outbound_proxy, else proxy) is a host name.
+    hop: Hop | None = None
 
 
 # -- supervisor -> worker -------------------------------------------------------
@@ -249,6 +278,14 @@ class FlowLost:
 
 
 @dataclass(frozen=True)
+class Failover:
+    """A request went on to the next DNS target (agent/core/targets.py)."""
+
+    connection_id: str
+    kind: str  # "registration" or "leg_b"
+
+
+@dataclass(frozen=True)
 class CallCounted:
     connection_id: str
     result: str
@@ -300,6 +337,7 @@ Event = (
     | StateChanged
     | RegisterAnswered
     | FlowLost
+    | Failover
     | CallCounted
     | CallsActive
     | CallSetupTimed

@@ -67,8 +67,9 @@ from agent.supervisor.errors import (
     UnknownConnectionError,
     WorkerLostError,
 )
+from agent.supervisor.hops import HopResolver
 from agent.supervisor.launcher import Launched, Launcher, describe_exit
-from agent.supervisor.specs import conn_spec, transport_address
+from agent.supervisor.specs import conn_spec, needs_lookup, transport_address
 
 __all__ = ["WorkerPool"]
 
@@ -114,6 +115,8 @@ class _Placed:
     snapshot: PolicySnapshot | None = None
     down: str | None = None  # why its worker is not running, while it is not
     held: bool = False  # unregistered on request: a replacement worker keeps it so
+    spec: m.ConnSpec | None = None  # the last spec sent to its worker
+    dns_expires: float | None = None  # monotonic time its host names are looked up again (None: none to look up)
 
 
 class WorkerPool:
@@ -123,6 +126,7 @@ class WorkerPool:
         launcher: Launcher,
         metrics: Metrics,
         logger: Any,
+        hops: HopResolver | None = None,
     ) -> None:
         self._settings = settings
         self._launcher = launcher
@@ -140,6 +144,10 @@ class WorkerPool:
         self._tasks: set[asyncio.Future[Any]] = set()
         self._ping_task: asyncio.Task[None] | None = None
         self._started = False
+        self._hops = hops or HopResolver(settings.sip)
+        # DNS lookups run here, never on the loop thread (nor, in the workers, on a SIP thread).
+        self._dns = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="dns")
+        self._refreshing: set[str] = set()
 
     # -- other threads -------------------------------------------------------------
 
@@ -245,6 +253,7 @@ class WorkerPool:
         t.join(5)
         if not t.is_alive():
             self._loop.close()
+        self._dns.shutdown(wait=False, cancel_futures=True)
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         if not self.alive:
@@ -290,6 +299,7 @@ class WorkerPool:
         if errors:
             raise EngineError("; ".join(errors))
         self._ping_task = self._loop.create_task(self._pinger())
+        self._track(self._loop.create_task(self._dns_refresher()))
         self._log.info(
             "workers_started",
             workers=len(self._workers),
@@ -567,9 +577,7 @@ class WorkerPool:
             p = self._conns.get(cid)
             if p is None:
                 continue
-            self._send_apply(w, p.conn, at_once=True)
-            if p.held:
-                self._request(w, functools.partial(m.UnregisterNow, connection_id=cid), cid)
+            self._send_apply(w, p.conn, at_once=True, unregister_after=p.held)
 
     def _refresh_worker_metrics(self) -> None:
         running = [w for w in self._workers.values() if w.state == "running"]
@@ -635,11 +643,94 @@ class WorkerPool:
             fut.set_exception(WorkerLostError(f"worker {w.index} cannot be reached (it is {w.state})"))
         return fut
 
-    def _send_apply(self, w: _Worker, conn: Connection, at_once: bool) -> asyncio.Future[m.Done]:
+    def _send_apply(
+        self, w: _Worker, conn: Connection, at_once: bool, unregister_after: bool = False
+    ) -> asyncio.Future[m.Done]:
+        """Apply ``conn`` on ``w`` once its host names are looked up (start-up, restart)."""
+        cid = conn.connection_id
+        proc = w.proc
+
+        async def send() -> m.Done:
+            spec, expires = await self._spec(conn, at_once)
+            p = self._conns.get(cid)
+            if p is not None and p.conn == conn:
+                p.spec, p.dns_expires = spec, expires
+            if w.proc is not proc:
+                raise asyncio.CancelledError  # replaced meanwhile: the replacement is sent its own
+            fut = self._request(w, lambda r: m.Apply(r, spec), cid)
+            if unregister_after:
+                self._request(w, functools.partial(m.UnregisterNow, connection_id=cid), cid)
+            return await fut
+
+        task = self._loop.create_task(send())
+        task.add_done_callback(functools.partial(self._start_apply_done, cid=cid))
+        return task
+
+    async def _spec(self, conn: Connection, at_once: bool) -> tuple[m.ConnSpec, float | None]:
+        """What the worker runs for ``conn``, its host names looked up in a DNS thread; and when to
+        look them up again (None: no host name)."""
+        if needs_lookup(conn, self._settings.sip):
+            spec, expires = await self._loop.run_in_executor(self._dns, self._build_spec, conn, at_once)
+        else:
+            spec, expires = self._build_spec(conn, at_once)
+        hop = spec.hop
+        if hop is not None and hop.error:
+            self._log.warning("dns_failed", connection_id=conn.connection_id, name=hop.name, error=hop.error)
+        elif hop is not None:
+            self._log.debug(
+                "dns_resolved", connection_id=conn.connection_id, name=hop.name, targets=[t.label for t in hop.targets]
+            )
+        return spec, expires
+
+    def _build_spec(self, conn: Connection, at_once: bool) -> tuple[m.ConnSpec, float | None]:
+        """(spec, when to look again); blocks on DNS when a host is a name (DNS thread only then)."""
         spec = conn_spec(conn, self._settings, register_at_once=at_once)
-        fut = self._request(w, lambda r: m.Apply(r, spec), conn.connection_id)
-        fut.add_done_callback(functools.partial(self._start_apply_done, cid=conn.connection_id))
-        return fut
+        if not needs_lookup(conn, self._settings.sip):
+            return spec, None
+        hops = self._hops.hops(conn)
+        route = replace(spec.route, pbx_addresses=hops.pbx_addresses, destination_hop=hops.destination)
+        return replace(spec, route=route, hop=hops.registration), hops.expires_at
+
+    async def _dns_refresher(self) -> None:
+        """Look a connection's host names up again when their answers expire; a change reaches its
+        worker as an Apply whose account is unchanged (no REGISTER, the new targets from now on)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for cid, p in list(self._conns.items()):
+                if p.worker is None or p.dns_expires is None or p.dns_expires > now or cid in self._refreshing:
+                    continue
+                self._refreshing.add(cid)
+                self._track(self._loop.create_task(self._refresh_hops(cid, p.conn)))
+
+    async def _refresh_hops(self, cid: str, conn: Connection) -> None:
+        try:
+            old = self._conns[cid].spec
+            spec, expires = await self._spec(conn, at_once=False)
+            p = self._conns.get(cid)
+            if p is None or p.conn != conn or p.worker is None or old is None:
+                return
+            p.dns_expires = expires
+            if (spec.hop, spec.route) == (old.hop, old.route):
+                return
+            w = self._workers.get(p.worker)
+            if w is None or w.state != "running":
+                return
+            self._log.info(
+                "dns_changed",
+                connection_id=cid,
+                name=spec.hop.name if spec.hop else None,
+                targets=[t.label for t in spec.hop.targets] if spec.hop else None,
+                error=spec.hop.error if spec.hop else None,
+            )
+            p.spec = spec
+            done = await self._request(w, lambda r: m.Apply(r, spec), cid)
+            if done.error_kind is not None:
+                self._log.warning("dns_change_not_applied", connection_id=cid, error=done.error)
+        except Exception as e:  # the next expiry tries again
+            self._log.warning("dns_refresh_failed", connection_id=cid, error=repr(e))
+        finally:
+            self._refreshing.discard(cid)
 
     def _start_apply_done(self, fut: asyncio.Future[m.Done], cid: str) -> None:
         """A failure of an Apply nobody awaits (start-up, restart) is logged and shown."""
@@ -670,6 +761,8 @@ class WorkerPool:
             getattr(w.log, ev.level, w.log.info)(ev.event, **ev.fields)
         elif isinstance(ev, m.RegisterAnswered):
             self._metrics.observe_response(ev.connection_id, ev.code, ev.duration)
+        elif isinstance(ev, m.Failover):
+            self._metrics.failovers.labels(connection_id=ev.connection_id, kind=ev.kind).inc()
         elif isinstance(ev, m.Done):
             entry = w.pending.pop(ev.request, None)
             if entry is not None and not entry[0].done():
@@ -779,7 +872,11 @@ class WorkerPool:
             self._dirty.add(cid)
             self._publish()
             try:
-                done = await self._request(w, lambda r: m.Apply(r, conn_spec(conn, self._settings, True)), cid)
+                spec, expires = await self._spec(conn, at_once=True)
+                placed = self._conns.get(cid)
+                if placed is not None:
+                    placed.spec, placed.dns_expires = spec, expires
+                done = await self._request(w, lambda r: m.Apply(r, spec), cid)
                 result = self._check(done)
             except BaseException:
                 if self._conns.get(cid) is not None and self._conns[cid].worker == w.index:
@@ -810,9 +907,11 @@ class WorkerPool:
             self._dirty.add(cid)
             self._publish()
             return "replaced"
-        done = await self._request(w, lambda r: m.Apply(r, conn_spec(conn, self._settings, True)), cid)
+        spec, expires = await self._spec(conn, at_once=True)
+        done = await self._request(w, lambda r: m.Apply(r, spec), cid)
         result = self._check(done)
         p.conn = conn
+        p.spec, p.dns_expires = spec, expires
         p.held = False if result == "replaced" else p.held
         self._dirty.add(cid)
         self._publish()

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from agent.addresses import advertised_for, is_wildcard
 from agent.config import AgentSettings, Connection, SipSettings, parse_sip_uri
 from agent.ipc.messages import AccountSpec, ConnSpec, Route
 
-__all__ = ["account_spec", "conn_spec", "contact_line", "route", "transport_address", "with_transport"]
+__all__ = [
+    "account_spec",
+    "conn_spec",
+    "contact_line",
+    "needs_lookup",
+    "route",
+    "transport_address",
+    "with_transport",
+]
 
 
 def with_transport(uri: str, transport: str, *, loose_route: bool = False) -> str:
@@ -24,6 +34,27 @@ def with_transport(uri: str, transport: str, *, loose_route: bool = False) -> st
 def contact_line(conn: Connection) -> str:
     """Contact URI parameter that maps an INVITE back to its connection."""
     return f";line={conn.connection_id}"
+
+
+def _is_name(uri: str | None) -> bool:
+    if not uri:
+        return False
+    host = parse_sip_uri(uri)["host"].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
+
+
+def needs_lookup(conn: Connection, sip: SipSettings) -> bool:
+    """Whether building ``conn``'s spec looks a host name up (DNS: not on the pool's loop thread)."""
+    ext = conn.external_uac_settings
+    internal = conn.internal_uac_settings
+    names = [ext.proxy, ext.outbound_proxy] if ext is not None else []
+    if internal.forward_mode == "bridge":
+        names.append(internal.destination_sip_uri)
+    return any(_is_name(u) for u in names)
 
 
 def transport_address(sip: SipSettings) -> str | None:

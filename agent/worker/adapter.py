@@ -21,6 +21,7 @@ import pjsua2 as pj
 from agent.core.sipmsg import header_values, int_header, redact
 from agent.ipc.messages import AccountSpec, StackSettings
 from agent.worker.events import (
+    FORWARD_KEY,
     CallDtmf,
     CallMedia,
     CallState,
@@ -46,7 +47,7 @@ _CALL_STATES = {
     pj.PJSIP_INV_STATE_DISCONNECTED: "disconnected",
 }
 _DTMF_METHODS = {"rfc2833": pj.PJSUA_DTMF_METHOD_RFC2833, "info": pj.PJSUA_DTMF_METHOD_SIP_INFO}
-FORWARD_ACCOUNT = "__forward__"
+FORWARD_ACCOUNT = FORWARD_KEY
 _TRANSPORTS = {"UDP": pj.PJSIP_TRANSPORT_UDP, "TCP": pj.PJSIP_TRANSPORT_TCP, "TLS": pj.PJSIP_TRANSPORT_TLS}
 
 
@@ -258,6 +259,7 @@ class PjsuaAdapter:
         self._writer: _LogWriter | None = None
         self._transport_ids: dict[str, int] = {}
         self._accounts: dict[str, _Account] = {}
+        self._configs: dict[str, Any] = {}  # each account's AccountConfig, for modify()
         self._forward: _Account | None = None
         self._calls: dict[int, _Call] = {}
         # Legs reported DISCONNECTED whose pjsua slot is still held (see _Call.ending).
@@ -276,7 +278,7 @@ class PjsuaAdapter:
         self.published_host = "127.0.0.1"
         self._forward_cfg: Any = None
         self._forward_default_media: str | None = None
-        self._forward_media_now: str | None = None
+        self._forward_now: tuple[str | None, str | None] = (None, None)  # (media address, route) set now
 
     def start(self, s: StackSettings) -> None:
         ep = _Endpoint(self._sink)
@@ -369,7 +371,8 @@ class PjsuaAdapter:
         ac.natConfig.sdpNatRewriteUse = 0
         self._media_config(ac, s.leg_b_media_address)
         self._forward_cfg = ac
-        self._forward_default_media = self._forward_media_now = s.leg_b_media_address
+        self._forward_default_media = s.leg_b_media_address
+        self._forward_now = (s.leg_b_media_address, None)
         acc = _Account(FORWARD_ACCOUNT, self._sink, self._incoming)
         acc.create(ac, True)
         return acc
@@ -378,7 +381,9 @@ class PjsuaAdapter:
     def account_count(self) -> int:
         return len(self._accounts)
 
-    def add_account(self, spec: AccountSpec) -> None:
+    def add_account(self, spec: AccountSpec, route: str | None = None) -> None:
+        """``route``: where REGISTERs and keepalives go (a target of the next hop, agent/core/targets.py)
+        instead of ``spec.proxies``."""
         if spec.key in self._accounts:
             raise AdapterError(f"connection {spec.key} already has an account")
         if len(self._accounts) >= MAX_CONNECTIONS:
@@ -405,7 +410,7 @@ class PjsuaAdapter:
             tp = ";transport=tcp" if spec.transport == "TCP" else ""
             ac.sipConfig.contactForced = f"<sip:{user}@{h}:{self._port}{tp}{spec.contact_uri_params}>"
         ac.sipConfig.transportId = self._transport_ids[spec.transport]
-        for proxy in spec.proxies:
+        for proxy in [f"{route};lr"] if route else spec.proxies:
             ac.sipConfig.proxies.append(proxy)
         ac.sipConfig.authCreds.append(pj.AuthCredInfo("digest", "*", spec.auth_username, 0, spec.password))
         ac.natConfig.sipOutboundUse = 0
@@ -430,6 +435,39 @@ class PjsuaAdapter:
         except Exception as e:
             raise AdapterError(f"connection {spec.key}: account rejected by the SIP stack: {_err(e)}") from None
         self._accounts[spec.key] = acc
+        self._configs[spec.key] = ac
+
+    def set_route(self, key: str, route: str) -> None:
+        """Register at ``route`` now, and send this account's later REGISTERs and keepalives there.
+
+        pjsua re-creates the registration session for a new route set: it unregisters the
+        binding at the old target (which may be dead: nothing waits for that answer) and
+        registers at the new one; that REGISTER's answer comes back as any other
+        (pjsua 2.15 keeps the old session, and its route, when told not to register)."""
+        acc, ac = self._accounts.get(key), self._configs.get(key)
+        if acc is None or ac is None:
+            raise AdapterError(f"connection {key} has no account")
+        ac.sipConfig.proxies.clear()
+        ac.sipConfig.proxies.append(f"{route};lr")
+        ac.regConfig.disableRegOnModify = False
+        try:
+            acc.modify(ac)
+        except Exception as e:
+            raise AdapterError(f"route {route} refused by the SIP stack: {_err(e)}") from None
+
+    def probe(self, target_uri: str) -> None:
+        """An OPTIONS from the worker's own account to ``target_uri`` (another target of a registrar);
+        its end comes back as a KeepaliveResult with key FORWARD_KEY."""
+        if self._forward is None:
+            raise AdapterError("the SIP stack is not started")
+        self._forward_setup(self._forward_now[0], None)  # straight to the target, not via leg B's last route
+        prm = pj.SendRequestParam()
+        prm.method = "OPTIONS"
+        prm.txOption.targetUri = target_uri
+        try:
+            self._forward.sendRequest(prm)
+        except Exception as e:
+            raise AdapterError(_err(e)) from None
 
     def register(self, key: str) -> None:
         self._set_registration(key, True)
@@ -462,6 +500,7 @@ class PjsuaAdapter:
 
     def remove_account(self, key: str) -> None:
         acc = self._accounts.pop(key, None)
+        self._configs.pop(key, None)
         if acc is not None:
             acc.removed = True  # its account may be re-created under the same key at once
             acc.shutdown()
@@ -547,16 +586,19 @@ class PjsuaAdapter:
         except Exception as e:
             raise AdapterError(f"hangup leg {leg}: {_err(e)}") from None
 
-    def make_call(self, dest_uri: str, from_uri: str | None, media_address: str | None = None) -> tuple[int, str]:
+    def make_call(
+        self, dest_uri: str, from_uri: str | None, media_address: str | None = None, target: str | None = None
+    ) -> tuple[int, str]:
         """Leg B: INVITE ``dest_uri`` from the agent's own account, its SDP naming
-        ``media_address`` (None: the worker's default). (leg, Call-ID)."""
+        ``media_address`` (None: the worker's default), sent to ``target`` (a Route: one of the
+        destination host's DNS targets) when given. (leg, Call-ID)."""
         if self._forward is None:
             raise AdapterError("the SIP stack is not started")
         if self.free_call_slots < 1:
             # A Call whose makeCall fails cannot be deleted (pjsua2 asserts on
             # its invalid id and aborts): never start one without a free slot.
             raise AdapterError(f"all {self._call_slots} call slots are in use", too_many=True)
-        self._forward_media(media_address)
+        self._forward_setup(media_address, target)
         leg = self._new_leg()
         call = _Call(self._forward, leg, self._sink, self._gone)
         prm = pj.CallOpParam(True)
@@ -579,18 +621,25 @@ class PjsuaAdapter:
             call_id = ""
         return leg, call_id
 
-    def _forward_media(self, media_address: str | None) -> None:
-        """pjsua2 takes a call's SDP address from its account: the forward account is modified
-        when this leg's destination is told another one (calls already set up keep theirs)."""
-        want = media_address or self._forward_default_media
-        if want == self._forward_media_now or self._forward is None or self._forward_cfg is None:
+    def _forward_setup(self, media_address: str | None, target: str | None) -> None:
+        """pjsua2 takes a call's SDP address and route set from its account: the forward account
+        is modified when this leg's destination is told another address, or is reached through
+        another target (calls already set up keep theirs). A route set also spares pjsua a
+        lookup of the destination's host name (it resolves the first hop to choose a transport:
+        with a target, that is an address)."""
+        want = (media_address or self._forward_default_media, target)
+        if want == self._forward_now or self._forward is None or self._forward_cfg is None:
             return
-        self._media_config(self._forward_cfg, want)
+        ac = self._forward_cfg
+        self._media_config(ac, want[0])
+        ac.sipConfig.proxies.clear()
+        if target:
+            ac.sipConfig.proxies.append(f"{target};lr")
         try:
-            self._forward.modify(self._forward_cfg)
-            self._forward_media_now = want
+            self._forward.modify(ac)
+            self._forward_now = want
         except Exception as e:
-            raise AdapterError(f"leg B media address {want} refused by the SIP stack: {_err(e)}") from None
+            raise AdapterError(f"leg B setup ({want[0]}, {target}) refused by the SIP stack: {_err(e)}") from None
 
     def bridge(self, a: int, b: int) -> bool:
         """Connect the audio of two legs both ways; False while either has none."""

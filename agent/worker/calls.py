@@ -11,7 +11,6 @@ supervisor as metric events (``agent.ipc.messages``).
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,41 +28,23 @@ from agent.core.forwarding import (
     line_of,
     source_allowed,
 )
-from agent.ipc.messages import CallCounted, CallsActive, CallSetupTimed, Event, InboundRejected, Route, StackSettings
+from agent.core.targets import fails_over
+from agent.ipc.messages import (
+    CallCounted,
+    CallsActive,
+    CallSetupTimed,
+    Event,
+    Failover,
+    HopTarget,
+    InboundRejected,
+    Route,
+    StackSettings,
+)
 from agent.worker.events import CallDtmf, CallMedia, CallState, IncomingCall
 
-__all__ = ["CallRouter", "HostResolver"]
+__all__ = ["CallRouter"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-_RESOLVE_TTL = 300.0
-_RESOLVE_FAIL_TTL = 30.0
-
-
-class HostResolver:
-    """Addresses a PBX host name resolves to, cached (IP literals need no lookup)."""
-
-    def __init__(self, clock: Clock, lookup: Callable[[str], set[str]] | None = None) -> None:
-        self._clock = clock
-        self._lookup = lookup or _getaddrinfo
-        self._cache: dict[str, tuple[float, set[str]]] = {}
-
-    def addresses(self, host: str) -> set[str]:
-        host = host.strip("[]")
-        now = self._clock.monotonic()
-        hit = self._cache.get(host)
-        if hit is not None and now < hit[0]:
-            return hit[1]
-        try:
-            found = self._lookup(host)
-            ttl = _RESOLVE_TTL
-        except OSError:
-            found, ttl = set(), _RESOLVE_FAIL_TTL
-        self._cache[host] = (now + ttl, found)
-        return found
-
-
-def _getaddrinfo(host: str) -> set[str]:
-    return {str(ai[4][0]) for ai in socket.getaddrinfo(host, None, proto=socket.IPPROTO_UDP)}
 
 
 @dataclass
@@ -87,6 +68,12 @@ class _Forward:
     result: CallResult | None = None
     code: int | None = None
     digits: list[str] = field(default_factory=list)
+    # leg B's targets when the destination's host is a name (agent/core/targets.py), and what
+    # a new leg B needs when it fails over to the next one
+    targets: tuple[HopTarget, ...] = ()
+    target_index: int = 0
+    from_uri: str | None = None
+    media: str | None = None
 
 
 class CallRouter:
@@ -99,7 +86,6 @@ class CallRouter:
         emit: Callable[[Event], None],
         logger: Any,
         clock: Clock,
-        resolver: HostResolver | None = None,
     ) -> None:
         self._adapter = adapter
         self._stack = stack
@@ -108,7 +94,6 @@ class CallRouter:
         self._emit = emit
         self._log = logger
         self._clock = clock
-        self._resolver = resolver or HostResolver(clock)
         self._by_leg: dict[int, _Forward] = {}
         self._active: dict[str, int] = {}
         self._cidrs: dict[tuple[str, ...], list[Network]] = {}
@@ -190,8 +175,14 @@ class CallRouter:
         fwd.bridge = BridgeCall(started_at=now, ring_timeout_sec=float(route.ring_timeout_sec))
         host = route.leg_b_host or self._adapter.published_host  # never 0.0.0.0 (agent/addresses.py)
         from_uri = leg_b_from_uri(display, user, host, fallback_user="uac-agent")
+        fwd.from_uri, fwd.media = from_uri, route.leg_b_media
+        hop = route.destination_hop
+        if hop is not None:
+            fwd.targets = hop.targets
         try:
-            fwd.leg_b, fwd.call_id_b = self._adapter.make_call(dest, from_uri, route.leg_b_media)
+            if hop is not None and not hop.targets:
+                raise RuntimeError(hop.error or f"DNS: no target for {hop.name}")
+            fwd.leg_b, fwd.call_id_b = self._dial_b(fwd)
         except Exception as e:
             if getattr(e, "too_many", False):  # no slot after all: busy, as over the limit
                 self._by_leg.pop(ev.leg, None)
@@ -233,6 +224,8 @@ class CallRouter:
                     actions = bc.b_answered(self._clock.monotonic())
                 elif ev.state == "disconnected":
                     fwd.b_gone = True
+                    if self._leg_b_failover(fwd, ev):
+                        return
                     actions = bc.b_ended() if bc.state is BridgeState.ANSWERED else bc.b_failed(ev.code)
         except IllegalCallEventError as e:
             fwd.log.warning("call_event_unexpected", error=str(e), leg="a" if is_a else "b")
@@ -284,12 +277,56 @@ class CallRouter:
             self._apply(fwd, bc.poll(now), cause="ring timeout")
             self._maybe_finish(fwd)
 
+    # -- leg B's targets ------------------------------------------------------
+
+    def _dial_b(self, fwd: _Forward) -> tuple[int, str]:
+        """INVITE the destination, through its current target when its host is a name."""
+        target = fwd.targets[fwd.target_index].uri if fwd.targets else None
+        return self._adapter.make_call(fwd.destination, fwd.from_uri, fwd.media, target)  # type: ignore[no-any-return]
+
+    def _leg_b_failover(self, fwd: _Forward, ev: CallState) -> bool:
+        """Leg B failed before anything was relayed to the PBX with 408, 480, 503, 504 or no answer:
+        a new leg B to the next target, within the same ring timeout. True when one was started."""
+        bc = fwd.bridge
+        if bc is None or bc.state is not BridgeState.CALLING or fwd.a_gone:
+            return False
+        if not fails_over(ev.code, ev.code != 0) or fwd.target_index + 1 >= len(fwd.targets):
+            return False
+        failed = fwd.targets[fwd.target_index]
+        self._adapter.release(ev.leg)
+        self._by_leg.pop(ev.leg, None)
+        fwd.target_index += 1
+        try:
+            fwd.leg_b, fwd.call_id_b = self._dial_b(fwd)
+        except Exception as e:
+            fwd.log.warning("leg_b_failover_failed", target=fwd.targets[fwd.target_index].label, error=str(e))
+            fwd.leg_b = None
+            return False
+        fwd.b_gone = False
+        fwd.b_media = False
+        self._by_leg[fwd.leg_b] = fwd
+        self._emit(Failover(fwd.connection_id, "leg_b"))
+        fwd.log.warning(
+            "leg_b_failover",
+            failed=failed.label,
+            code=ev.code,
+            reason=ev.reason,
+            target=fwd.targets[fwd.target_index].label,
+            call_id_b=fwd.call_id_b,
+        )
+        return True
+
     # -- helpers ------------------------------------------------------------
 
     def _pbx_addresses(self, cid: str, route: Route) -> set[str]:
-        out: set[str] = set()
+        """The PBX's addresses: its IP literal hosts, what its host names resolved to (the
+        supervisor looked them up: no DNS on this thread), and the registrar's answering address."""
+        out: set[str] = set(route.pbx_addresses)
         for host in route.pbx_hosts:
-            out |= self._resolver.addresses(host)
+            try:
+                out.add(str(ipaddress.ip_address(host.strip("[]"))))
+            except ValueError:
+                continue
         seen = self._registrar_ip(cid)
         if seen:
             out.add(seen)

@@ -28,6 +28,7 @@ from typing import Any
 from agent.core.clock import Clock
 from agent.core.liveness import RegistrarProbe
 from agent.core.policy import Action, Outcome, PolicySnapshot, RegisterResponse, RegistrationPolicy, RegState
+from agent.core.targets import TargetCursor, fails_over
 from agent.ipc.messages import (
     Apply,
     Command,
@@ -35,6 +36,7 @@ from agent.ipc.messages import (
     Done,
     ErrorKind,
     Event,
+    Failover,
     FlowLost,
     InboundRejected,
     Ping,
@@ -53,6 +55,7 @@ from agent.ipc.messages import (
 )
 from agent.worker.calls import CallRouter
 from agent.worker.events import (
+    FORWARD_KEY,
     CallDtmf,
     CallMedia,
     CallState,
@@ -72,6 +75,10 @@ __all__ = ["ChangeError", "WorkerEngine", "to_register_response"]
 # Longest block in libHandleEvents with nothing due: the supervisor's pings
 # wake the loop more often than this anyway.
 IDLE_CAP_SEC = 60.0
+# A probe of a connection's best target goes out this long before its refresh, and
+# its answer counts for this long.
+BEST_PROBE_AHEAD_SEC = 15.0
+BEST_PROBE_FRESH_SEC = 30.0
 # While calls are set up or carried (or legs wait for their slot to free), the
 # loop comes round at least this often.
 BUSY_CAP_SEC = 0.05
@@ -102,6 +109,10 @@ class _Conn:
     log: Any
     has_account: bool = False
     reachable: bool | None = None  # last logged registrar liveness
+    cursor: TargetCursor | None = None  # which of spec.hop's targets REGISTERs go to (None: no hop)
+    route: str | None = None  # the route the account has now
+    best_probed_at: float | None = None  # a probe of the best target went out before this refresh
+    best_answered_at: float | None = None  # ... and the best target answered it then
     last_state: tuple[object, ...] = field(default_factory=tuple)  # for state_changed lines
     last_sent: tuple[object, ...] = field(default_factory=tuple)  # for StateChanged messages
 
@@ -158,6 +169,7 @@ class WorkerEngine:
         self._stop_reason = ""
         self._busy: dict[str, tuple[_Wait, int]] = {}  # connection_id -> (change in progress, request)
         self._waiting: dict[str, list[tuple[Callable[[], None], int]]] = {}  # changes queued behind it
+        self._best_probe: str | None = None  # the connection whose best target is being probed
 
     # -- other threads ----------------------------------------------------------
 
@@ -307,7 +319,10 @@ class WorkerEngine:
         log = self._log.bind(connection_id=spec.connection_id)
         c = _Conn(spec=spec, policy=policy, probe=probe, log=log)
         acc = spec.account
-        adapter.add_account(acc)
+        if spec.hop is not None:
+            c.cursor = TargetCursor(len(spec.hop.targets))
+            c.route = spec.hop.targets[0].uri if spec.hop.targets else None
+        adapter.add_account(acc, route=c.route)
         self._conns[spec.connection_id] = c
         c.has_account = True
         policy.activate()
@@ -329,13 +344,28 @@ class WorkerEngine:
             self._report(c, c.policy.timeouts.pop(0), 408)
         if action is None:
             self._keepalive(adapter, c)
+            self._probe_best(adapter, c)
             self._note_state(c, None)
             return
         key = c.spec.connection_id
         try:
             if action is Action.REGISTER:
-                c.log.debug("register_sending", expires=c.policy.requested_expires, attempt=c.policy.attempts)
-                adapter.register(key)
+                hop = c.spec.hop
+                if hop is not None and not hop.targets:
+                    # the supervisor's lookup failed: a transient failure, nothing is sent
+                    error = hop.error or f"DNS: no target for {hop.name}"
+                    outcome = c.policy.on_response(RegisterResponse(code=0, error=error))
+                    self._report(c, outcome, 0)
+                    self._note_state(c, None)
+                    return
+                c.log.debug(
+                    "register_sending",
+                    expires=c.policy.requested_expires,
+                    attempt=c.policy.attempts,
+                    target=self._target_label(c),
+                )
+                if not self._pick_target(adapter, c):
+                    adapter.register(key)
             else:
                 c.log.info("unregister_sending")
                 adapter.unregister(key)
@@ -344,13 +374,112 @@ class WorkerEngine:
             self._report(c, outcome, 0)
         self._note_state(c, None)
 
+    # -- targets of a next hop given by a host name (agent/core/targets.py) ---------
+
+    def _target_label(self, c: _Conn) -> str | None:
+        hop, cursor = c.spec.hop, c.cursor
+        if hop is None or cursor is None or not hop.targets:
+            return None
+        return hop.targets[min(cursor.index, len(hop.targets) - 1)].label
+
+    def _pick_target(self, adapter: Any, c: _Conn) -> bool:
+        """Before a REGISTER: back to the best target if it answered a probe lately; route there.
+        True when that sent the REGISTER (a new route registers at once)."""
+        hop, cursor = c.spec.hop, c.cursor
+        if hop is None or cursor is None or not hop.targets:
+            return False
+        now = self._clock.monotonic()
+        if (
+            cursor.index > 0
+            and c.best_answered_at is not None
+            and now - c.best_answered_at < BEST_PROBE_FRESH_SEC
+            and cursor.prefer_best()
+        ):
+            c.log.info("registrar_target_back", target=hop.targets[0].label)
+        c.best_answered_at = c.best_probed_at = None
+        uri = hop.targets[cursor.index].uri
+        if uri == c.route:
+            return False
+        adapter.set_route(c.spec.connection_id, uri)
+        c.route = uri
+        return True
+
+    def _failover(self, c: _Conn, ev: RegResult) -> bool:
+        """After a REGISTER's answer: True when the next one goes to another target at once."""
+        hop, cursor = c.spec.hop, c.cursor
+        if hop is None or cursor is None or not hop.targets:
+            return False
+        if not fails_over(ev.code, ev.received):
+            cursor.end_round()
+            return False
+        failed = hop.targets[cursor.index].label
+        nxt = cursor.on_failover()
+        if nxt is None:
+            c.log.warning("registrar_targets_exhausted", targets=len(hop.targets), last=failed)
+            return False
+        c.log.warning(
+            "registrar_failover", failed=failed, code=ev.code, reason=ev.reason, target=hop.targets[nxt].label
+        )
+        self.emit(Failover(c.spec.connection_id, "registration"))
+        return True
+
+    def _failover_unreachable(self, c: _Conn) -> None:
+        """The current target stopped answering: register at the next one now (it counts as a
+        target that failed over); with no other target, the keepalives wait for this one."""
+        hop, cursor = c.spec.hop, c.cursor
+        if hop is None or cursor is None or len(hop.targets) < 2 or not c.policy.keeps_registering:
+            return
+        failed = hop.targets[cursor.index].label
+        nxt = cursor.on_failover()
+        if nxt is None:
+            return
+        c.log.warning("registrar_failover", failed=failed, reason="unreachable", target=hop.targets[nxt].label)
+        self.emit(Failover(c.spec.connection_id, "registration"))
+        c.probe.reachable = None  # the new target has not been heard from yet
+        c.probe.misses = 0
+        c.reachable = None
+        c.policy.request_refresh()
+
+    def _probe_best(self, adapter: Any, c: _Conn) -> None:
+        """A connection registered at a lower target asks the best one, from the worker's own
+        account, shortly before its refresh: it moves back only if that one answers."""
+        hop, cursor, p = c.spec.hop, c.cursor, c.policy
+        if hop is None or cursor is None or cursor.index == 0 or not hop.targets or self._best_probe is not None:
+            return
+        if p.state != RegState.REGISTERED or p.next_kind != "refresh" or c.best_probed_at is not None:
+            return
+        due = p.next_action_in
+        if due is None or due > BEST_PROBE_AHEAD_SEC:
+            return
+        try:
+            adapter.probe(hop.targets[0].uri)
+        except Exception as e:
+            c.log.debug("best_target_probe_not_sent", error=str(e))
+            return
+        c.best_probed_at = self._clock.monotonic()
+        self._best_probe = c.spec.connection_id
+
+    def _best_probe_result(self, ev: KeepaliveResult) -> None:
+        cid, self._best_probe = self._best_probe, None
+        c = self._conns.get(cid) if cid is not None else None
+        if c is None:
+            return
+        if ev.received:
+            c.best_answered_at = self._clock.monotonic()
+        c.log.debug("best_target_probe", answered=ev.received, code=ev.code)
+
     def _keepalive(self, adapter: Any, c: _Conn) -> None:
         """Send a keepalive when one is due (agent/core/liveness.py)."""
-        if not c.probe.poll(allowed=c.policy.keeps_registering):
+        hop = c.spec.hop
+        usable = hop is None or bool(hop.targets)
+        if not c.probe.poll(allowed=c.policy.keeps_registering and usable):
             self._note_liveness(c)
             return
         acc = c.spec.account
-        target = acc.proxies[0].replace(";lr", "") if acc.proxies else acc.registrar_uri
+        if hop is not None and c.cursor is not None:
+            target = hop.targets[c.cursor.index].uri
+        else:
+            target = acc.proxies[0].replace(";lr", "") if acc.proxies else acc.registrar_uri
         try:
             adapter.send_keepalive(c.spec.connection_id, target)
             c.log.debug("keepalive_sent", target=target)
@@ -379,7 +508,9 @@ class WorkerEngine:
                 misses=c.probe.misses,
                 last_keepalive=c.probe.last_probe,
                 registered=c.policy.registered,
+                target=self._target_label(c),
             )
+            self._failover_unreachable(c)
         elif reachable and was is False:
             c.log.info("registrar_reachable")
 
@@ -392,12 +523,17 @@ class WorkerEngine:
                 c = self._conns.get(ev.key)
                 if c is None:
                     continue
-                outcome = c.policy.on_response(to_register_response(ev))
+                in_flight = c.policy.state == RegState.REGISTERING
+                failover = in_flight and self._failover(c, ev)
+                outcome = c.policy.on_response(to_register_response(ev), failover=failover)
                 if not outcome.ignored and not outcome.unregister:
                     c.probe.on_register_result(answered=ev.received)
                     self._note_liveness(c)
                 self._report(c, outcome, ev.code)
             elif isinstance(ev, KeepaliveResult):
+                if ev.key == FORWARD_KEY:
+                    self._best_probe_result(ev)
+                    continue
                 c = self._conns.get(ev.key)
                 if c is not None:
                     self._keepalive_result(c, ev)
@@ -490,6 +626,7 @@ class WorkerEngine:
         wall = None if answered is None else self._clock.time() + (answered - self._clock.monotonic())
         return replace(
             c.policy.snapshot(),
+            target=self._target_label(c),
             registrar_reachable=view.reachable,
             keepalive_misses=view.misses,
             last_keepalive=view.last_probe,
@@ -608,6 +745,7 @@ class WorkerEngine:
             self._add_or_undo(spec)
             return "added"
         if old.spec.account == spec.account:
+            self._retarget(old, spec)
             old.spec = spec
             old.policy.settings = spec.policy
             old.probe.interval = spec.policy.keepalive_interval_sec
@@ -620,22 +758,36 @@ class WorkerEngine:
             done=lambda: old.policy.finished, deadline=self._wait_deadline(), then=lambda: self._replace(old, spec)
         )
 
+    def _retarget(self, c: _Conn, spec: ConnSpec) -> None:
+        """New targets for the same account (the supervisor looked the host up again)."""
+        new = spec.hop
+        if new == c.spec.hop:
+            return
+        if new is None:
+            c.cursor = None
+            return
+        current = c.spec.hop.targets[c.cursor.index].uri if c.spec.hop and c.cursor and c.spec.hop.targets else None
+        uris = [t.uri for t in new.targets]
+        keep = uris.index(current) if current in uris else None
+        if c.cursor is None:
+            c.cursor = TargetCursor(len(uris))
+        c.cursor.retarget(len(uris), keep)
+        c.log.info("registrar_targets_changed", targets=[t.label for t in new.targets], error=new.error)
+
     def _replace(self, old: _Conn, spec: ConnSpec) -> str:
         key = spec.connection_id
         if old.has_account:
             self._adapter.remove_account(key)
             old.has_account = False
         self._conns.pop(key, None)
-        spec = ConnSpec(spec.connection_id, spec.account, spec.policy, spec.route, register_at_once=True)
+        spec = replace(spec, register_at_once=True)
         try:
             self._add_or_undo(spec)
         except Exception as e:
             old.log.error("connection_replace_failed", error=str(e))
             try:
                 restored = old.spec
-                self._add_or_undo(
-                    ConnSpec(restored.connection_id, restored.account, restored.policy, restored.route, True)
-                )  # carry on with the settings that worked
+                self._add_or_undo(replace(restored, register_at_once=True))  # carry on with what worked
             except Exception as e2:
                 old.log.error("connection_restore_failed", error=str(e2))
             raise

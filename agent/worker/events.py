@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "FORWARD_KEY",
     "CallDtmf",
     "CallMedia",
     "CallState",
@@ -16,6 +17,10 @@ __all__ = [
     "StackLog",
     "TransportDown",
 ]
+
+
+# The key of the worker's own account (leg B of calls, probes of a registrar's other targets).
+FORWARD_KEY = "__forward__"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from lab.dnsmasq import Dnsmasq
 from lab.kamailio import Kamailio, free_port
 from lab.rtp import RtpEndpoint
 from lab.sipp import Sipp, scenario_path
@@ -60,7 +61,7 @@ class CallLab:
     user: str
     sipps: list[Sipp] = field(default_factory=list)  # stopped by the fixture, even after a failure
 
-    def dest(self, scenario: str, calls: int = 1, **kw: Any) -> Sipp:
+    def dest(self, scenario: str, calls: int = 1, port: int | None = None, **kw: Any) -> Sipp:
         variables = {"callee": "assistant"}
         if "rtp_port" in kw:
             variables["rtp_port"] = kw.pop("rtp_port")
@@ -68,7 +69,7 @@ class CallLab:
             variables["rtp_port"] = str(free_port())
         s = Sipp(
             scenario_path(scenario),
-            self.dest_port,
+            port or self.dest_port,
             variables=variables,
             workdir=self.workdir / f"dest-{scenario}-{time.monotonic_ns()}",
             calls=calls,
@@ -503,3 +504,44 @@ def test_bound_to_wildcard_advertises_the_right_addresses(
     assert sig in (answer_a.header("Contact") or ""), answer_a.header("Contact")
     seen = [m.raw for m in (*dest.messages(), *pbx.messages())]
     assert not [raw for raw in seen if "0.0.0.0" in raw]
+
+
+@pytest.mark.parametrize(("first", "pbx_code"), [("dest_reject_503.xml", 200), ("dest_reject_486.xml", 486)])
+def test_destination_srv_fails_over_on_503_and_relays_486(
+    call_lab: Callable[..., CallLab], tmp_path: Path, first: str, pbx_code: int
+) -> None:
+    """destination_uri's host has two SRV targets. The first answers 503: leg B is retried on the
+    second, which answers, and the PBX never hears the 503. The first answers 486: the PBX gets 486."""
+    p1, p2 = free_port(), free_port()
+    name = "_sip._udp.app.lab.test"
+    dns = Dnsmasq(
+        tmp_path / "dns",
+        srv=[(name, "d1.lab.test", p1, 10, 0), (name, "d2.lab.test", p2, 20, 0)],
+        hosts={"d1.lab.test": ["127.0.0.1"], "d2.lab.test": ["127.0.0.1"]},
+    ).start()
+    try:
+        lab = call_lab(internal={"destination_uri": "1006@app.lab.test"}, sip={"nameservers": [dns.address]})
+        d1 = lab.dest(first, port=p1)
+        d2 = lab.dest("dest_answer.xml", port=p2)
+        pbx = lab.pbx("pbx_call.xml", timeout=20)
+        assert pbx.wait(30) == 0, pbx.output()[-2000:]
+        finals = [m.status_code for m in pbx.received_responses() if m.cseq_method == "INVITE"]
+        assert pbx_code in finals, finals
+        assert 503 not in finals
+        invite = d1.received_requests("INVITE")[0]
+        assert invite.first_line.split()[1] == "sip:1006@app.lab.test"  # the destination's URI, sent to its target
+        if pbx_code == 200:
+            assert len(d2.received_requests("INVITE")) == 1
+            failover = lab.agent.events("leg_b_failover")[0]
+            assert failover["code"] == 503 and "d2.lab.test" in failover["target"]
+            wait_until(
+                lambda: metric(lab.agent, "uac_agent_failovers_total", connection_id="c-fwd", kind="leg_b") == 1,
+                5,
+                "the failover counted",
+            )
+            wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 1, 10, "answered")
+        else:
+            assert d2.received_requests("INVITE") == []  # a 486 is the destination's word: no failover
+            wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="busy") == 1, 10, "busy counted")
+    finally:
+        dns.stop()

@@ -31,12 +31,14 @@ from agent.api.openapi import build_openapi
 from agent.api.service import ConnectionService
 from agent.config import AgentSettings
 from agent.core.policy import RegistrationPolicy
+from agent.dns import Resolution, Resolver, Target
 from agent.http.keys import ApiKeys
 from agent.http.server import StatusApi
 from agent.ipc.messages import AccountSpec, StackSettings
 from agent.logs import configure_logging
 from agent.metrics import Metrics
 from agent.store import ConnectionStore, resolve_store_path
+from agent.supervisor.hops import HopResolver
 from agent.supervisor.launcher import Launched
 from agent.supervisor.pool import WorkerPool
 from agent.worker.engine import WorkerEngine
@@ -63,6 +65,15 @@ class FakeStack:
         return sum(1 for k, what, _ in list(self.sent) if k == key and what == "register")
 
 
+class FakeDns(Resolver):
+    """Every host name is 127.0.0.1 here: these tests are about the API and the pool, not DNS
+    (tests/integration/test_dns*.py use a real DNS server)."""
+
+    def resolve(self, host: str, port: int | None, transport: str) -> Resolution:
+        target = Target(host, "127.0.0.1", port or 5060, transport, 0, 0, "A")
+        return Resolution(host, (target,), None, time.monotonic() + 3600, False)
+
+
 class FakeAdapter:
     def __init__(
         self, stack: FakeStack, sink: Callable[[SipEvent], None], wake: threading.Event, worker: int = 0
@@ -83,7 +94,7 @@ class FakeAdapter:
     def busy(self) -> bool:
         return False
 
-    def add_account(self, spec: AccountSpec) -> None:
+    def add_account(self, spec: AccountSpec, route: str | None = None) -> None:
         if spec.key in self.mine:
             raise RuntimeError(f"connection {spec.key} already has an account")
         if len(self.mine) >= 7:
@@ -107,6 +118,14 @@ class FakeAdapter:
             self._answer(key, 401, "Unauthorized", 0)
         else:
             self._answer(key, 200, "OK", spec.expires)
+
+    def set_route(self, key: str, route: str) -> None:
+        with self._stack.lock:
+            self._stack.sent.append((key, "route", route))
+        self.register(key)  # a new route registers at once, as pjsua's account modify does
+
+    def probe(self, target_uri: str) -> None:
+        raise RuntimeError("the fake stack has no forward account")
 
     def send_keepalive(self, key: str, target_uri: str) -> None:
         with self._stack.lock:
@@ -311,7 +330,9 @@ def running_agent(settings: AgentSettings) -> Iterator[Harness]:
     service = ConnectionService(settings, store, log)
     launcher = ThreadLauncher(FakeStack())
     registry = CollectorRegistry()
-    pool = WorkerPool(service.engine_settings(), launcher, Metrics(registry), log)
+    pool = WorkerPool(
+        service.engine_settings(), launcher, Metrics(registry), log, hops=HopResolver(settings.sip, FakeDns())
+    )
     service.attach(pool)
     pool.start(service.engine_settings().connections)
     keys = ApiKeys.from_settings(settings.http)

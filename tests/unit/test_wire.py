@@ -21,7 +21,8 @@ STACK = m.StackSettings("127.0.0.1", 5070, 5213, None, True, "uac-agent", 2, Fal
 
 
 def every_message() -> list[object]:
-    spec = m.ConnSpec("c1", ACCOUNT, PolicySettings(), ROUTE, register_at_once=True)
+    hop = m.Hop("pbx.example.com", (m.HopTarget("sip:192.0.2.1:5060", "pbx1 192.0.2.1:5060 (A)"),), None)
+    spec = m.ConnSpec("c1", ACCOUNT, PolicySettings(), ROUTE, register_at_once=True, hop=hop)
     snap = RegistrationPolicy(PolicySettings(), FakeClock()).snapshot()
     return [
         m.Start(3, STACK, "info", 5.0),
@@ -38,6 +39,7 @@ def every_message() -> list[object]:
         m.StateChanged("c1", snap),
         m.RegisterAnswered("c1", 200, 0.01),
         m.FlowLost("TCP"),
+        m.Failover("c1", "leg_b"),
         m.CallCounted("c1", "answered"),
         m.CallsActive("c1", 1),
         m.CallSetupTimed("c1", 0.2),
@@ -53,6 +55,8 @@ def test_every_message_round_trips_in_any_chunking() -> None:
     assert {type(x).__name__ for x in msgs} == set(m.__all__) - {
         "AccountSpec",
         "ConnSpec",
+        "Hop",
+        "HopTarget",
         "Route",
         "StackSettings",
         "Command",
