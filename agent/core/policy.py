@@ -17,6 +17,9 @@ Rules
   4xx retry only after ``forbidden_retry_interval`` (plus up to 10 % jitter,
   never less): never hammer the PBX, never give up for good.
 * 423 adopts Min-Expires and asks again at once (once per larger value).
+* A failure the caller fails over (the registrar's next DNS target,
+  agent/core/targets.py) asks again at once and does not count toward the
+  backoff; the round's last target's failure does.
 * A binding is ``registered`` from a 2xx until its granted expiry passes
   without another 2xx; then ``registration_status`` becomes EXPIRED.
 * A lost TCP/TLS flow re-registers at once.

@@ -566,3 +566,28 @@ def test_change_key_ignores_time_alone() -> None:
     assert p.change_key() == key  # uptime and wall-clock views moved; nothing else did
     p.request_refresh()
     assert p.change_key() != key  # a refresh due now is visible
+
+
+def test_a_failover_retries_at_once_without_counting_toward_the_backoff() -> None:
+    p, clock = make()
+    p.activate()
+    assert p.poll() is Action.REGISTER
+    out = p.on_response(RegisterResponse(code=503, reason="Service Unavailable"), failover=True)
+    assert out.state is RegState.RETRY_WAIT
+    assert out.next_in == 0.0
+    assert p.failures == 0
+    assert p.next_kind == "failover"
+    assert p.poll() is Action.REGISTER  # the next target, now
+    out = p.on_response(RegisterResponse(code=503, reason="Service Unavailable"))  # the last target: backoff
+    assert p.failures == 1
+    assert out.next_in is not None and out.next_in >= 15.0
+    assert p.next_kind == "retry"
+
+
+def test_a_success_is_never_a_failover() -> None:
+    p, clock = make()
+    p.activate()
+    assert p.poll() is Action.REGISTER
+    out = p.on_response(OK, failover=True)
+    assert out.state is RegState.REGISTERED
+    assert p.next_kind == "refresh"
