@@ -569,7 +569,7 @@ def test_change_key_ignores_time_alone() -> None:
 
 
 def test_a_failover_retries_at_once_without_counting_toward_the_backoff() -> None:
-    p, clock = make()
+    p, _clock = make()
     p.activate()
     assert p.poll() is Action.REGISTER
     out = p.on_response(RegisterResponse(code=503, reason="Service Unavailable"), failover=True)
@@ -585,7 +585,7 @@ def test_a_failover_retries_at_once_without_counting_toward_the_backoff() -> Non
 
 
 def test_a_success_is_never_a_failover() -> None:
-    p, clock = make()
+    p, _clock = make()
     p.activate()
     assert p.poll() is Action.REGISTER
     out = p.on_response(OK, failover=True)
