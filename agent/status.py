@@ -57,7 +57,7 @@ class ConnectionStatus:
     registrar_reachable: bool | None = None  # None: not probed yet, or keepalives off
     keepalive_misses: int = 0
     last_keepalive: str | None = None
-    registrar_answered_at: float | None = None
+    registrar_reachable_since: float | None = None
     target: str | None = None  # the DNS target REGISTERs go to, when the next hop is a host name
 
     @property
@@ -121,7 +121,7 @@ class ConnectionStatus:
                 "registrar_reachable": self.registrar_reachable,
                 "keepalive_misses": self.keepalive_misses,
                 "last_keepalive": self.last_keepalive,
-                "registrar_answered_at": iso(self.registrar_answered_at),
+                "registrar_reachable_since": iso(self.registrar_reachable_since),
                 "target": self.target,
             },
         }
@@ -166,7 +166,7 @@ def build_status(
         registrar_reachable=snap.registrar_reachable,
         keepalive_misses=snap.keepalive_misses,
         last_keepalive=snap.last_keepalive,
-        registrar_answered_at=snap.registrar_answered_at,
+        registrar_reachable_since=snap.registrar_reachable_since,
         target=snap.target,
     )
 

@@ -37,7 +37,7 @@ class ProbeView:
 
     reachable: bool | None  # None: not probed yet (or keepalives off)
     misses: int
-    last_answer_at: float | None  # monotonic time of the last SIP answer from the registrar
+    changed_at: float | None  # monotonic time ``reachable`` last changed
     last_probe: str | None  # the last keepalive's result, e.g. "200 OK" or "no answer"
 
 
@@ -51,7 +51,7 @@ class RegistrarProbe:
         self.in_flight = False  # a keepalive transaction the stack has not finished
         self._window_end: float | None = None  # None: not probing
         self._answered = False  # an answer arrived in the current window
-        self.last_answer_at: float | None = None
+        self.changed_at: float | None = None
         self.last_probe: str | None = None
 
     @property
@@ -62,10 +62,15 @@ class RegistrarProbe:
         self._window_end = self._clock.monotonic() + self.interval
         self._answered = False
 
+    def _set(self, reachable: bool) -> None:
+        if reachable != self.reachable:
+            self.reachable = reachable
+            self.changed_at = self._clock.monotonic()
+
     def _miss(self) -> None:
         self.misses += 1
         if self.misses >= self.misses_allowed:
-            self.reachable = False
+            self._set(False)
 
     def poll(self, allowed: bool) -> bool:
         """Advance time; True when a keepalive must be sent now. ``allowed``: the connection is
@@ -117,14 +122,20 @@ class RegistrarProbe:
     def _alive(self) -> bool:
         recovered = self.misses > 0 or self.reachable is False
         self.misses = 0
-        self.reachable = True
-        self.last_answer_at = self._clock.monotonic()
+        self._set(True)
         self._answered = True
         return recovered
+
+    def forget(self) -> None:
+        """A new target: nothing is known of it yet."""
+        self.misses = 0
+        self.reachable = None
+        self.changed_at = self._clock.monotonic()
+        self._window_end = None
 
     def next_deadline(self) -> float | None:
         """Monotonic time ``poll`` must next run (None: only an event changes anything)."""
         return self._window_end if self.enabled else None
 
     def view(self) -> ProbeView:
-        return ProbeView(self.reachable, self.misses, self.last_answer_at, self.last_probe)
+        return ProbeView(self.reachable, self.misses, self.changed_at, self.last_probe)

@@ -168,7 +168,7 @@ class PolicySnapshot:
     registrar_reachable: bool | None = None
     keepalive_misses: int = 0
     last_keepalive: str | None = None
-    registrar_answered_at: float | None = None  # wall time of the registrar's last SIP answer
+    registrar_reachable_since: float | None = None  # wall time registrar_reachable last changed
     # The target REGISTERs go to when the next hop is a host name (agent/core/targets.py).
     target: str | None = None
 

@@ -435,8 +435,7 @@ class WorkerEngine:
             return
         c.log.warning("registrar_failover", failed=failed, reason="unreachable", target=hop.targets[nxt].label)
         self.emit(Failover(c.spec.connection_id, "registration"))
-        c.probe.reachable = None  # the new target has not been heard from yet
-        c.probe.misses = 0
+        c.probe.forget()  # the new target has not been heard from yet
         c.reachable = None
         c.policy.request_refresh()
 
@@ -622,15 +621,15 @@ class WorkerEngine:
 
     def _snapshot(self, c: _Conn) -> PolicySnapshot:
         view = c.probe.view()
-        answered = view.last_answer_at
-        wall = None if answered is None else self._clock.time() + (answered - self._clock.monotonic())
+        changed = view.changed_at
+        wall = None if changed is None else self._clock.time() + (changed - self._clock.monotonic())
         return replace(
             c.policy.snapshot(),
             target=self._target_label(c),
             registrar_reachable=view.reachable,
             keepalive_misses=view.misses,
             last_keepalive=view.last_probe,
-            registrar_answered_at=wall,
+            registrar_reachable_since=wall,
         )
 
     def _flow_lost(self, ev: TransportDown) -> None:
