@@ -117,6 +117,7 @@ class _Placed:
     held: bool = False  # unregistered on request: a replacement worker keeps it so
     spec: m.ConnSpec | None = None  # the last spec sent to its worker
     dns_expires: float | None = None  # monotonic time its host names are looked up again (None: none to look up)
+    dns_print: tuple[object, ...] | None = None  # what its host names resolved to (Hops.fingerprint)
 
 
 class WorkerPool:
@@ -148,6 +149,7 @@ class WorkerPool:
         # DNS lookups run here, never on the loop thread (nor, in the workers, on a SIP thread).
         self._dns = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="dns")
         self._refreshing: set[str] = set()
+        self._prints: dict[str, tuple[object, ...]] = {}  # fingerprints from the DNS threads, by connection
 
     # -- other threads -------------------------------------------------------------
 
@@ -673,6 +675,10 @@ class WorkerPool:
             spec, expires = await self._loop.run_in_executor(self._dns, self._build_spec, conn, at_once)
         else:
             spec, expires = self._build_spec(conn, at_once)
+        p = self._conns.get(conn.connection_id)
+        printed = self._prints.pop(conn.connection_id, None)
+        if p is not None and p.conn == conn and printed is not None:
+            p.dns_print = printed
         hop = spec.hop
         if hop is not None and hop.error:
             self._log.warning("dns_failed", connection_id=conn.connection_id, name=hop.name, error=hop.error)
@@ -688,30 +694,51 @@ class WorkerPool:
         if not needs_lookup(conn, self._settings.sip):
             return spec, None
         hops = self._hops.hops(conn)
+        self._prints[conn.connection_id] = hops.fingerprint  # read on the loop thread once _spec returns
         route = replace(spec.route, pbx_addresses=hops.pbx_addresses, destination_hop=hops.destination)
         return replace(spec, route=route, hop=hops.registration), hops.expires_at
 
     async def _dns_refresher(self) -> None:
-        """Look a connection's host names up again when their answers expire; a change reaches its
-        worker as an Apply whose account is unchanged (no REGISTER, the new targets from now on)."""
+        """Look connections' host names up again when their answers expire (in the DNS threads, all
+        due connections in one job: the resolver's cache makes a shared host one lookup); a
+        connection whose targets changed gets an Apply whose account is unchanged (no REGISTER,
+        the new targets from its next request on)."""
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
-            for cid, p in list(self._conns.items()):
-                if p.worker is None or p.dns_expires is None or p.dns_expires > now or cid in self._refreshing:
+            due = [
+                (cid, p.conn)
+                for cid, p in self._conns.items()
+                if p.worker is not None and p.dns_expires is not None and p.dns_expires <= now
+            ]
+            if not due:
+                continue
+            try:
+                looked = await self._loop.run_in_executor(self._dns, self._look_again, due)
+            except Exception as e:  # the next pass tries again
+                self._log.warning("dns_refresh_failed", error=repr(e))
+                continue
+            for cid, conn, printed, expires in looked:
+                p = self._conns.get(cid)
+                if p is None or p.conn != conn:
                     continue
-                self._refreshing.add(cid)
-                self._track(self._loop.create_task(self._refresh_hops(cid, p.conn)))
+                p.dns_expires = expires
+                if printed != p.dns_print and cid not in self._refreshing:
+                    self._refreshing.add(cid)
+                    self._track(self._loop.create_task(self._send_new_hops(cid, conn)))
 
-    async def _refresh_hops(self, cid: str, conn: Connection) -> None:
+    def _look_again(self, due: list[tuple[str, Connection]]) -> list[tuple[str, Connection, tuple[object, ...], float]]:
+        out = []
+        for cid, conn in due:
+            hops = self._hops.hops(conn)
+            out.append((cid, conn, hops.fingerprint, hops.expires_at))
+        return out
+
+    async def _send_new_hops(self, cid: str, conn: Connection) -> None:
         try:
-            old = self._conns[cid].spec
-            spec, expires = await self._spec(conn, at_once=False)
+            spec, _ = await self._spec(conn, at_once=False)
             p = self._conns.get(cid)
-            if p is None or p.conn != conn or p.worker is None or old is None:
-                return
-            p.dns_expires = expires
-            if (spec.hop, spec.route) == (old.hop, old.route):
+            if p is None or p.conn != conn or p.worker is None:
                 return
             w = self._workers.get(p.worker)
             if w is None or w.state != "running":

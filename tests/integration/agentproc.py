@@ -17,6 +17,9 @@ from typing import Any
 from lab.kamailio import free_port, free_port_block
 
 API_KEY = "integration-test-key"
+# DNS servers every agent under test asks (tests/integration/conftest.py starts a loopback
+# dnsmasq that knows localhost and nothing else): no test's lookup leaves loopback.
+DEFAULT_NAMESERVERS: list[str] = []
 # Worker processes an agent under test may start: worker k listens on sip_port + k
 # (UDP/TCP) and sip_port + MAX_WORKERS + k (TLS).
 MAX_WORKERS = 8
@@ -36,6 +39,7 @@ class AgentProcess:
                 "port": self.sip_port,
                 "tls_port": self.sip_port + self.max_workers,
                 "rtp_port_range": 16 * self.max_workers,
+                "nameservers": list(DEFAULT_NAMESERVERS),
             },
             "http": {"listen": f"127.0.0.1:{self.http_port}", "api_key": API_KEY},
             "log": {"format": "json", "level": "debug"},

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+from lab.dnsmasq import Dnsmasq
 from lab.kamailio import Kamailio, KamailioConfig, free_port, make_test_pki
+from tests.integration import agentproc
 from tests.integration.agentproc import AgentProcess
 
 USERS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw", "dave": "dave-pw"}
@@ -26,6 +28,20 @@ def _peers_installed() -> None:
     missing = [tool for tool in ("kamailio", "kamcmd", "sipp", "openssl") if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"real SIP peers missing: {', '.join(missing)} (run .ci/run or apt-get install them)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lab_dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dnsmasq]:
+    """Every agent under test asks this loopback DNS server (localhost only; every other name is
+    NXDOMAIN at once), so no lookup of a test's made-up host names leaves loopback."""
+    try:
+        dns = Dnsmasq(tmp_path_factory.mktemp("lab-dns"), hosts={"localhost": ["127.0.0.1"]}).start()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    agentproc.DEFAULT_NAMESERVERS[:] = [dns.address]
+    yield dns
+    agentproc.DEFAULT_NAMESERVERS[:] = []
+    dns.stop()
 
 
 @pytest.fixture(scope="session")

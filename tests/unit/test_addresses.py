@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from agent import addresses
 from agent.addresses import advertised_for, route_source
 from agent.cli import main
 from agent.config import ConfigError, SipSettings, load_settings
@@ -49,7 +50,8 @@ def test_wildcard_bind_without_external_address_is_told_the_routing_interface_ne
     assert adv.media == "127.0.0.9"  # a specific RTP address is what SDP names
 
 
-def test_an_unknown_peer_leaves_it_to_the_stack_rather_than_guess() -> None:
+def test_an_unknown_peer_leaves_it_to_the_stack_rather_than_guess(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(addresses, "_lookup", lambda host: None)  # no DNS query leaves this test
     adv = advertised_for(sip(bind="0.0.0.0"), "no-such-host.invalid")
     assert adv.signaling is None
     assert adv.media is None
