@@ -9,7 +9,12 @@ Rules
   (422), ownership (403), the connection limit (409). Then it is written to the
   store in one transaction, then applied on the worker holding the connection; a change the SIP
   stack refuses is undone in the store.
-* One change at a time (a lock); reads never wait for the workers.
+* One change at a time (a lock held by changes only). Reads never wait: the
+  records are a mapping replaced whole by each change (copy on write), so a read
+  sees the state before or after a change, never a change in progress.
+* A change the workers do not confirm within ``wait_timeout`` is a 504
+  ``change_timeout``, never a success; it may still complete, and its outcome is
+  applied when it does (a late failure is undone as an early one would be).
 * A DELETE unregisters first and forgets the row only after that, so an
   acknowledged delete is durable and an interrupted one leaves the connection.
 """
@@ -90,7 +95,7 @@ class ConnectionService:
         self._store = store
         self._log = logger
         self._now = clock
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # changes only; reads take no lock
         self._engine: Engine | None = None
         # The HTTP API's keys (shared with its handlers): a reload swaps them in place.
         self.api_keys: ApiKeys | None = None
@@ -103,7 +108,7 @@ class ConnectionService:
     def _load(self) -> None:
         now = self._now()
         for c in self._settings.connections:
-            self._records[c.connection_id] = Record(c, "file", None, None, now, now)
+            self._put(Record(c, "file", None, None, now, now))
         registering = sum(1 for c in self._settings.connections if c.registers)
         loaded = 0
         for row in self._store.all():
@@ -127,7 +132,7 @@ class ConnectionService:
                     rec = replace(rec, running=False)
                 else:
                     registering += 1
-            self._records[rec.id] = rec
+            self._put(rec)
             loaded += 1
         self._log.info(
             "connections_loaded", from_file=len(self._settings.connections), from_store=loaded, store=self._store.path
@@ -177,13 +182,11 @@ class ConnectionService:
         return self._engine.statuses() if self._engine is not None else {}
 
     def visible(self, user: str | None) -> list[Record]:
-        with self._lock:
-            recs = list(self._records.values())
-        return [r for r in recs if user is None or r.conn.user_id == user]
+        recs = self._records  # replaced whole by changes: a consistent view without a lock
+        return [r for r in recs.values() if user is None or r.conn.user_id == user]
 
     def get(self, cid: str, user: str | None) -> Record:
-        with self._lock:
-            rec = self._records.get(cid)
+        rec = self._records.get(cid)
         if rec is None:
             raise ApiError.one(404, "not_found", f"no connection with id {cid}", parameter="id")
         if user is not None and rec.conn.user_id != user:
@@ -199,12 +202,46 @@ class ConnectionService:
             raise ApiError.one(503, "unavailable", "the workers are not running")
         return self._engine
 
-    def _wait(self, fut: Future[Any], what: str, cid: str) -> Any:
+    def _put(self, rec: Record) -> None:
+        self._records = {**self._records, rec.id: rec}
+
+    def _drop(self, cid: str) -> None:
+        self._records = {k: v for k, v in self._records.items() if k != cid}
+
+    def _wait(
+        self,
+        fut: Future[Any],
+        what: str,
+        cid: str,
+        late_failure: Callable[[BaseException], None] | None = None,
+        late_success: Callable[[], None] | None = None,
+    ) -> Any:
+        """The change's result; a 504 when the workers do not confirm it in time. Its outcome is
+        then applied when it comes (``late_failure`` undoes, ``late_success`` completes)."""
         try:
             return fut.result(timeout=self.wait_timeout)
         except FutureTimeout:
-            self._log.warning("change_still_in_progress", connection_id=cid, change=what)
-            return None
+            self._log.warning("change_still_in_progress", connection_id=cid, change=what, waited_sec=self.wait_timeout)
+
+            def finish(done: Future[Any]) -> None:
+                with self._lock:
+                    exc = done.exception()
+                    self._log.info(
+                        "change_completed_late", connection_id=cid, change=what, error=None if exc is None else str(exc)
+                    )
+                    if exc is not None and late_failure is not None:
+                        late_failure(exc)
+                    elif exc is None and late_success is not None:
+                        late_success()
+
+            fut.add_done_callback(finish)
+            raise ApiError.one(
+                504,
+                "change_timeout",
+                f"the {what} of connection {cid} was not confirmed by its worker within "
+                f"{self.wait_timeout:.0f} s; it may still complete: GET the connection to see where it stands",
+                parameter="id",
+            ) from None
 
     def _registering(self, exclude: str | None = None) -> int:
         return sum(1 for r in self._records.values() if r.running and r.conn.registers and r.id != exclude)
@@ -311,12 +348,18 @@ class ConnectionService:
                 self._store.insert(cid, conn.user_id, secret_document(rec), now)
             except StoreError as e:
                 raise self._store_failed(e) from None
-            self._records[cid] = rec
-            try:
-                self._wait(engine.apply_connection(conn), "create", cid)
-            except Exception as e:
-                del self._records[cid]
+            self._put(rec)
+
+            def undo_create(_e: BaseException | None = None) -> None:
+                self._drop(cid)
                 self._store.delete(cid)
+
+            try:
+                self._wait(engine.apply_connection(conn), "create", cid, late_failure=undo_create)
+            except ApiError:
+                raise
+            except Exception as e:
+                undo_create()
                 raise self._engine_failed(e, cid) from None
             self._log.info("connection_created", connection_id=cid, user_id=conn.user_id, registers=conn.registers)
             return rec, generated
@@ -372,13 +415,19 @@ class ConnectionService:
                 self._store.update(cid, secret_document(new), new.updated_at)
             except StoreError as e:
                 raise self._store_failed(e) from None
-            self._records[cid] = new
-            try:
-                result = self._wait(engine.apply_connection(conn), "update", cid)
-            except Exception as e:
-                self._records[cid] = rec
+            self._put(new)
+
+            def undo_update(_e: BaseException | None = None) -> None:
+                self._put(rec)
                 if old_row is not None:
                     self._store.restore(old_row)
+
+            try:
+                result = self._wait(engine.apply_connection(conn), "update", cid, late_failure=undo_update)
+            except ApiError:
+                raise
+            except Exception as e:
+                undo_update()
                 raise self._engine_failed(e, cid) from None
             self._log.info("connection_changed", connection_id=cid, applied=result)
             return new
@@ -388,19 +437,24 @@ class ConnectionService:
         with self._lock:
             rec = self.get(cid, user)
             self._writable(rec)
+            def forget() -> None:
+                self._store.delete(cid)
+                self._drop(cid)
+                self._log.info("connection_deleted", connection_id=cid)
+
             if rec.running:
                 try:
-                    self._wait(engine.remove_connection(cid), "delete", cid)
+                    self._wait(engine.remove_connection(cid), "delete", cid, late_success=forget)
                 except UnknownConnectionError:
                     pass
+                except ApiError:
+                    raise
                 except Exception as e:
                     raise self._engine_failed(e, cid) from None
             try:
-                self._store.delete(cid)
+                forget()
             except StoreError as e:
                 raise self._store_failed(e) from None
-            del self._records[cid]
-            self._log.info("connection_deleted", connection_id=cid)
             return rec
 
     def act(self, cid: str, action: str, user: str | None) -> Record:
@@ -420,6 +474,8 @@ class ConnectionService:
             fut = engine.register_now(cid) if action == "register" else engine.unregister_now(cid)
             try:
                 self._wait(fut, action, cid)
+            except ApiError:
+                raise
             except Exception as e:
                 raise self._engine_failed(e, cid) from None
             self._log.info("connection_action", connection_id=cid, action=action)
@@ -493,7 +549,7 @@ class ConnectionService:
                     pass
                 except Exception as e:
                     failed.append(f"{cid}: {e}")
-                self._records.pop(cid, None)
+                self._drop(cid)
             to_apply: list[Connection] = [new_file[cid] for cid in (*d.changed, *d.added)]
             retuned: list[str] = []
             if old_settings.defaults != new.defaults:
@@ -506,8 +562,15 @@ class ConnectionService:
                 self.api_keys.replace_from(effective.http)
             applies = {c.connection_id: (c, engine.apply_connection(c)) for c in to_apply}
             for cid, (conn, fut) in applies.items():
+
+                def applied_late(cid: str = cid, conn: Connection = conn) -> None:
+                    if cid in new_file:
+                        old = self._records.get(cid)
+                        created = old.created_at if old is not None else now
+                        self._put(Record(conn, "file", None, None, created, now))
+
                 try:
-                    self._wait(fut, "reload apply", cid)
+                    self._wait(fut, "reload apply", cid, late_success=applied_late)
                 except Exception as e:
                     failed.append(f"{cid}: {e}")
                     self._log.error("reload_connection_failed", connection_id=cid, error=str(e))
@@ -515,7 +578,7 @@ class ConnectionService:
                 if cid in new_file:
                     old = self._records.get(cid)
                     created = old.created_at if old is not None else now
-                    self._records[cid] = Record(conn, "file", None, None, created, now)
+                    self._put(Record(conn, "file", None, None, created, now))
             return {
                 "added": list(d.added),
                 "removed": list(d.removed),

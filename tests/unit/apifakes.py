@@ -86,6 +86,7 @@ class FakeAdapter:
         self._pending: list[SipEvent] = []
         self._lock = threading.Lock()
         self.crash = False
+        self.stuck = threading.Event()  # set while its SIP thread is held in `hanging`
 
     def start(self, s: StackSettings) -> None:
         pass
@@ -151,7 +152,9 @@ class FakeAdapter:
 
     def handle_events(self, msec: int) -> None:
         while self.worker in self._stack.hanging and not self.crash:
+            self.stuck.set()
             time.sleep(0.01)
+        self.stuck.clear()
         if self.crash or self.worker in self._stack.crashing:
             raise RuntimeError("the fake SIP stack crashed")
         with self._lock:
