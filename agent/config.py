@@ -34,13 +34,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from agent.core.policy import PolicySettings
-from agent.worker.limits import MAX_CONNECTIONS, MAX_FORWARDED_CALLS, PJSUA_MAX_ACC, PJSUA_MAX_CALLS
+from agent.worker.stack import LIMITS
 
 __all__ = [
-    "MAX_CONNECTIONS",
-    "MAX_FORWARDED_CALLS",
-    "PJSUA_MAX_ACC",
-    "PJSUA_MAX_CALLS",
     "AgentSettings",
     "ApiKeySettings",
     "ClientSettings",
@@ -56,10 +52,9 @@ __all__ = [
     "parse_sip_uri",
 ]
 
-# The SIP stack's per-process limits (agent/worker/limits.py): one worker holds
-# MAX_CONNECTIONS (7) registering connections and bridges MAX_FORWARDED_CALLS (2).
-# Ports a worker's RTP slice needs at least: RTP and RTCP for each call slot.
-MIN_RTP_PORTS_PER_WORKER = 2 * PJSUA_MAX_CALLS
+# The SIP stack's per-process limits are facts of the stack (agent/worker/stack.py):
+# one worker holds LIMITS.connections (7) registering connections, bridges
+# LIMITS.bridged_calls (2), and its RTP slice needs LIMITS.rtp_ports (8) ports.
 
 _SECRET_FIELDS = {"password", "api_key"}
 _USERPART = r"[A-Za-z0-9._~!$&'()*+,;=%-]+"
@@ -219,7 +214,7 @@ class InternalUacSettings(_Strict):
     forward_mode: Literal["bridge", "redirect"] = "bridge"
     allowed_sources: list[Network] = Field(default_factory=list)
     ring_timeout_sec: Annotated[int, Field(ge=1, le=600)] = 60
-    max_calls: Annotated[int, Field(ge=1, le=MAX_FORWARDED_CALLS)] | None = None
+    max_calls: Annotated[int, Field(ge=1, le=LIMITS.bridged_calls)] | None = None
 
     @field_validator("destination_uri")
     @classmethod
@@ -305,7 +300,7 @@ class SipSettings(_Strict):
     rtp_port_range: Annotated[int, Field(ge=8, le=25000)] = 10000
     # Concurrent forwarded calls per worker process (a bridged call uses two of
     # the stack's 4 call slots per process).
-    max_calls: Annotated[int, Field(ge=1, le=MAX_FORWARDED_CALLS)] = MAX_FORWARDED_CALLS
+    max_calls: Annotated[int, Field(ge=1, le=LIMITS.bridged_calls)] = LIMITS.bridged_calls
     # What a call over a limit gets: 486 Busy Here, or 503 with Retry-After.
     over_limit_response: Literal[486, 503] = 486
     over_limit_retry_after_sec: Annotated[int, Field(ge=1, le=3600)] = 5
@@ -500,7 +495,7 @@ class WorkerSettings(_Strict):
     # Connections per worker process (the stack holds 7 per process). 7 packs the
     # most per process (memory); fewer gives each connection more call slots and
     # more isolation from a crash (docs/workers.md has the measurements).
-    connections_per_worker: Annotated[int, Field(ge=1, le=MAX_CONNECTIONS)] = MAX_CONNECTIONS
+    connections_per_worker: Annotated[int, Field(ge=1, le=LIMITS.connections)] = LIMITS.connections
     # Worker processes at most (default: enough for max_connections). Worker k
     # uses sip.port + k and sip.tls_port + k.
     max_workers: Annotated[int, Field(ge=1, le=10_000)] | None = None
@@ -637,11 +632,11 @@ class AgentSettings(_FileAndEnvironment):
                 f"{sip_first}-{sip_last} ({why}): set sip.tls_port to {sip_last + 1} or more, or leave it unset"
             )
         per = self.rtp_ports_per_worker
-        if per < MIN_RTP_PORTS_PER_WORKER:
+        if per < LIMITS.rtp_ports:
             raise ValueError(
                 f"sip.rtp_port_range: {self.sip.rtp_port_range} ports give each of the {w} workers {per}, "
-                f"and a worker needs {MIN_RTP_PORTS_PER_WORKER} (RTP and RTCP for {PJSUA_MAX_CALLS} call legs): "
-                f"set it to {MIN_RTP_PORTS_PER_WORKER * w} or more"
+                f"and a worker needs {LIMITS.rtp_ports} (RTP and RTCP for {LIMITS.call_slots} call legs): "
+                f"set it to {LIMITS.rtp_ports * w} or more"
             )
         rtp_first, rtp_last = self.sip.rtp_port, self.sip.rtp_port + self.sip.rtp_port_range - 1
         if rtp_last > 65535:

@@ -57,7 +57,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from agent.config import MAX_FORWARDED_CALLS
+from agent.worker.stack import LIMITS
 from lab.kamailio import Kamailio, KamailioConfig, free_port
 from lab.sipp import SipMessage, Sipp, scenario_path
 from tests.integration.agentproc import AgentProcess
@@ -541,7 +541,7 @@ _SERIES = ("invite_ms", "ok_ms", "hop_invite_ms", "hop_ok_ms", "call_ms")
 
 
 def report(
-    results: list[RunResult], rates: list[float], setups: Sequence[str], max_calls: int = MAX_FORWARDED_CALLS
+    results: list[RunResult], rates: list[float], setups: Sequence[str], max_calls: int = LIMITS.bridged_calls
 ) -> tuple[str, dict[str, Any]]:
     """The tables (Markdown) and a summary for JSON."""
     lines = [

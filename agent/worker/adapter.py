@@ -24,6 +24,7 @@ from agent.worker.events import (
     FORWARD_KEY,
     CallDtmf,
     CallMedia,
+    CallRefusedByStack,
     CallState,
     IncomingCall,
     KeepaliveResult,
@@ -33,7 +34,7 @@ from agent.worker.events import (
     StackLog,
     TransportDown,
 )
-from agent.worker.limits import MAX_CONNECTIONS
+from agent.worker.stack import LIMITS, NoCallSlotError, StackError
 
 __all__ = ["AdapterError", "PjsuaAdapter"]
 
@@ -51,15 +52,8 @@ FORWARD_ACCOUNT = FORWARD_KEY
 _TRANSPORTS = {"UDP": pj.PJSIP_TRANSPORT_UDP, "TCP": pj.PJSIP_TRANSPORT_TCP, "TLS": pj.PJSIP_TRANSPORT_TLS}
 
 
-class AdapterError(RuntimeError):
-    """pjsua2 refused an operation; the message says which and why.
-
-    ``too_many``: refused for want of a free call slot (PJ_ETOOMANY).
-    """
-
-    def __init__(self, message: str, too_many: bool = False) -> None:
-        super().__init__(message)
-        self.too_many = too_many
+class AdapterError(StackError):
+    """pjsua2 refused an operation; the message says which and why."""
 
 
 def _err(e: Exception) -> str:
@@ -89,6 +83,10 @@ class _LogWriter(pj.LogWriter):  # type: ignore[misc]
             if level <= 1 and _PORT_IN_USE.search(msg):
                 level = 4
             elif self.probing and "pjsua_call_get_info" in msg:
+                return
+            if "too many calls" in msg and "incoming" in msg:
+                # pjsua answered an INVITE 486 itself: every call slot was in use
+                self._sink(CallRefusedByStack(reason="all SIP call slots in use"))
                 return
             self._sink(StackLog(level=level, message=msg))
         except Exception:
@@ -299,6 +297,8 @@ class PjsuaAdapter:
         cfg.uaConfig.threadCnt = 0
         cfg.uaConfig.mainThreadOnly = True
         cfg.uaConfig.userAgent = s.user_agent
+        if s.call_slots > LIMITS.call_slots:  # the wheel would ignore it: a 5th call would fail
+            raise AdapterError(f"{s.call_slots} call slots asked, the stack has {LIMITS.call_slots}")
         cfg.uaConfig.maxCalls = s.call_slots
         self._call_slots = s.call_slots
         self._writer = _LogWriter(self._sink)
@@ -386,8 +386,8 @@ class PjsuaAdapter:
         instead of ``spec.proxies``."""
         if spec.key in self._accounts:
             raise AdapterError(f"connection {spec.key} already has an account")
-        if len(self._accounts) >= MAX_CONNECTIONS:
-            raise AdapterError(f"at most {MAX_CONNECTIONS} connections per process (pjsua2 PJSUA_MAX_ACC)")
+        if len(self._accounts) >= LIMITS.connections:
+            raise AdapterError(f"at most {LIMITS.connections} connections per worker process")
         if spec.transport not in self._transport_ids:
             raise AdapterError(f"transport {spec.transport} is not available")
         ac = pj.AccountConfig()
@@ -597,7 +597,7 @@ class PjsuaAdapter:
         if self.free_call_slots < 1:
             # A Call whose makeCall fails cannot be deleted (pjsua2 asserts on
             # its invalid id and aborts): never start one without a free slot.
-            raise AdapterError(f"all {self._call_slots} call slots are in use", too_many=True)
+            raise NoCallSlotError(f"all {self._call_slots} call slots are in use")
         self._forward_setup(media_address, target)
         leg = self._new_leg()
         call = _Call(self._forward, leg, self._sink, self._gone)
@@ -612,7 +612,9 @@ class PjsuaAdapter:
             call.thisown = False  # leak the C++ object rather than abort in its destructor
             self.leaked_calls += 1
             text = _err(e)
-            raise AdapterError(f"INVITE to {dest_uri} not sent: {text}", too_many="PJ_ETOOMANY" in text) from None
+            if "PJ_ETOOMANY" in text:
+                raise NoCallSlotError(f"INVITE to {dest_uri} not sent: no free call slot") from None
+            raise AdapterError(f"INVITE to {dest_uri} not sent: {text}") from None
         self._forget_slot(int(call.getId()))
         self._calls[leg] = call
         try:

@@ -41,6 +41,7 @@ from agent.ipc.messages import (
     StackSettings,
 )
 from agent.worker.events import CallDtmf, CallMedia, CallState, IncomingCall
+from agent.worker.stack import NoCallSlotError, Stack
 
 __all__ = ["CallRouter"]
 
@@ -79,7 +80,7 @@ class _Forward:
 class CallRouter:
     def __init__(
         self,
-        adapter: Any,
+        adapter: Stack,
         stack: StackSettings,
         route: Callable[[str], Route | None],
         registrar_ip: Callable[[str], str | None],
@@ -184,7 +185,7 @@ class CallRouter:
                 raise RuntimeError(hop.error or f"DNS: no target for {hop.name}")
             fwd.leg_b, fwd.call_id_b = self._dial_b(fwd)
         except Exception as e:
-            if getattr(e, "too_many", False):  # no slot after all: busy, as over the limit
+            if isinstance(e, NoCallSlotError):  # no slot after all: busy, as over the limit
                 self._by_leg.pop(ev.leg, None)
                 self._set_active(cid, self._active[cid] - 1)
                 self._refuse_over_limit(ev, cid, log, f"no free SIP call slot for leg B: {e}")
@@ -282,7 +283,7 @@ class CallRouter:
     def _dial_b(self, fwd: _Forward) -> tuple[int, str]:
         """INVITE the destination, through its current target when its host is a name."""
         target = fwd.targets[fwd.target_index].uri if fwd.targets else None
-        return self._adapter.make_call(fwd.destination, fwd.from_uri, fwd.media, target)  # type: ignore[no-any-return]
+        return self._adapter.make_call(fwd.destination, fwd.from_uri, fwd.media, target)
 
     def _leg_b_failover(self, fwd: _Forward, ev: CallState) -> bool:
         """Leg B failed before anything was relayed to the PBX with 408, 480, 503, 504 or no answer:

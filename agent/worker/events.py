@@ -8,6 +8,7 @@ __all__ = [
     "FORWARD_KEY",
     "CallDtmf",
     "CallMedia",
+    "CallRefusedByStack",
     "CallState",
     "IncomingCall",
     "KeepaliveResult",
@@ -92,6 +93,13 @@ class CallMedia:
 
 
 @dataclass(frozen=True)
+class CallRefusedByStack:
+    """The stack refused an incoming INVITE itself (486), before the agent saw it."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class CallDtmf:
     leg: int
     digit: str
@@ -109,4 +117,5 @@ SipEvent = (
     | CallState
     | CallMedia
     | CallDtmf
+    | CallRefusedByStack
 )

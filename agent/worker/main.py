@@ -26,13 +26,12 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from agent.core.clock import SystemClock
 from agent.ipc.messages import Shutdown
 from agent.worker.engine import WorkerEngine
-from agent.worker.events import SipEvent
 from agent.worker.link import Link, Waker
+from agent.worker.stack import StackFactory
 
 __all__ = ["GONE_DEADLINE_SEC", "main", "serve"]
 
@@ -43,7 +42,7 @@ _HARD_EXIT_SEC = 4.5
 
 def serve(
     sock: socket.socket,
-    adapter_factory: Callable[[Callable[[SipEvent], None]], Any],
+    stack_factory: StackFactory,
     waker_factory: Callable[[str, int], Callable[[], None]] = Waker,
     install_signals: bool = True,
     hard_exit: Callable[[int], None] | None = None,
@@ -58,7 +57,7 @@ def serve(
         return 1
     engine = WorkerEngine(
         start,
-        adapter_factory,
+        stack_factory,
         link.send,
         waker_factory(start.stack.bind, start.stack.port),
         SystemClock(),

@@ -1,4 +1,4 @@
-"""The pjsua2 wheel's compile-time call limit, measured, so PJSUA_MAX_CALLS stays true.
+"""The pjsua2 wheel's compile-time call limit, measured, so LIMITS.call_slots stays true.
 
 Run in a child process: a failed makeCall leaves a Call that pjsua2 cannot delete
 (it asserts and aborts), so the child leaks it on purpose and exits with os._exit.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from agent.config import MAX_FORWARDED_CALLS, PJSUA_MAX_CALLS
+from agent.worker.stack import LIMITS
 from lab.kamailio import free_port
 
 PROBE = """
@@ -42,5 +42,5 @@ def test_the_wheel_caps_concurrent_call_legs_at_pjsua_max_calls() -> None:
     out = subprocess.run(
         [sys.executable, "-c", PROBE, str(free_port())], capture_output=True, text=True, timeout=60, check=True
     )
-    assert int(out.stdout.strip().splitlines()[-1]) == PJSUA_MAX_CALLS == 4
-    assert MAX_FORWARDED_CALLS == PJSUA_MAX_CALLS // 2
+    assert int(out.stdout.strip().splitlines()[-1]) == LIMITS.call_slots == 4
+    assert LIMITS.bridged_calls == LIMITS.call_slots // 2

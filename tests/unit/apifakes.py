@@ -43,6 +43,7 @@ from agent.supervisor.launcher import Launched
 from agent.supervisor.pool import WorkerPool
 from agent.worker.engine import WorkerEngine
 from agent.worker.events import KeepaliveResult, RegResult, SipEvent
+from agent.worker.stack import NoCallSlotError, StackError, StackFactory
 from agent.worker.main import serve
 
 KEY = "operator-key-0123456789"
@@ -75,6 +76,11 @@ class FakeDns(Resolver):
 
 
 class FakeAdapter:
+    """The SIP stack of a worker thread: registrations answered at once, no calls. It implements
+    agent.worker.stack.Stack (mypy checks it: ThreadWorker hands it to serve() as a StackFactory)."""
+
+    published_host = "127.0.0.1"
+
     def __init__(
         self, stack: FakeStack, sink: Callable[[SipEvent], None], wake: threading.Event, worker: int = 0
     ) -> None:
@@ -94,6 +100,32 @@ class FakeAdapter:
     @property
     def busy(self) -> bool:
         return False
+
+    # -- calls: these tests place none ------------------------------------------------
+
+    @property
+    def free_call_slots(self) -> int:
+        return 0
+
+    def answer(self, leg: int, code: int, contact: str | None = None, retry_after: int | None = None) -> None:
+        raise StackError(f"the fake stack has no call leg {leg}")
+
+    def hangup(self, leg: int, code: int = 0) -> None:
+        raise StackError(f"the fake stack has no call leg {leg}")
+
+    def make_call(
+        self, dest_uri: str, from_uri: str | None, media_address: str | None = None, target: str | None = None
+    ) -> tuple[int, str]:
+        raise NoCallSlotError("the fake stack places no calls")
+
+    def bridge(self, a: int, b: int) -> bool:
+        return False
+
+    def send_dtmf(self, leg: int, digit: str, method: str, duration_ms: int = 0) -> None:
+        raise StackError(f"the fake stack has no call leg {leg}")
+
+    def release(self, leg: int) -> None:
+        pass
 
     def add_account(self, spec: AccountSpec, route: str | None = None) -> None:
         if spec.key in self.mine:
@@ -185,16 +217,18 @@ class ThreadWorker:
             self.adapter = FakeAdapter(stack, sink, wake, index)
             return self.adapter
 
+        factory: StackFactory = adapter_factory  # mypy: the fake is a Stack
+
         self._thread = threading.Thread(
             target=self._run,
-            args=(adapter_factory, lambda _b, _p: wake.set, engines),
+            args=(factory, lambda _b, _p: wake.set, engines),
             name=f"worker-{index}",
             daemon=True,
         )
         self.status: int | None = None
         self._thread.start()
 
-    def _run(self, factory: Any, waker: Any, engines: list[WorkerEngine]) -> None:
+    def _run(self, factory: StackFactory, waker: Any, engines: list[WorkerEngine]) -> None:
         try:
             self.status = serve(self._child, factory, waker, install_signals=False, on_engine=engines.append)
         except Exception:
@@ -285,9 +319,9 @@ class Harness:
     def policy(self, cid: str) -> RegistrationPolicy:
         """The registration policy running ``cid`` on its worker (read, in a test only)."""
         for e in self.launcher.engines:
-            c = e._conns.get(cid)
-            if c is not None:
-                return c.policy
+            policy = e.policy_of(cid)
+            if policy is not None:
+                return policy
         raise KeyError(cid)
 
     def call(

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from agent.cli import main
-from agent.config import MAX_FORWARDED_CALLS, AgentSettings, ConfigError, load_settings
+from agent.config import AgentSettings, ConfigError, load_settings
+from agent.worker.stack import LIMITS
 
 GOOD = {
     "sip": {"bind": "127.0.0.1", "port": 5070},
@@ -329,7 +330,7 @@ def test_forwarding_settings(tmp_path: Path) -> None:
     assert [str(n) for n in internal.allowed_sources] == ["192.0.2.0/24", "2001:db8::1/128"]
     assert internal.ring_timeout_sec == 60 and internal.max_calls is None
     assert internal.destination_sip_uri is not None and internal.destination_sip_uri.startswith("sip:")
-    assert s.sip.max_calls == MAX_FORWARDED_CALLS == 2
+    assert s.sip.max_calls == LIMITS.bridged_calls == 2
 
 
 @pytest.mark.parametrize(
