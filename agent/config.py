@@ -33,6 +33,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
+from agent.addresses import is_wildcard
 from agent.core.policy import PolicySettings
 from agent.worker.stack import LIMITS
 
@@ -47,9 +48,11 @@ __all__ = [
     "RegistrationKnobs",
     "StoreSettings",
     "WorkerSettings",
+    "check_id",
     "load_client_settings",
     "load_settings",
     "parse_sip_uri",
+    "read_secret_file",
 ]
 
 # The SIP stack's per-process limits are facts of the stack (agent/worker/stack.py):
@@ -64,6 +67,24 @@ _URI_RE = re.compile(
     r"(?P<params>(?:;[A-Za-z0-9._~!$&'()*+=%-]+(?:=[A-Za-z0-9._~!$&'()*+%:-]*)?)*)$"
 )
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_ID_RULE = "must be 1-64 characters of letters, digits, '.', '_' or '-'"
+
+
+def check_id(value: str) -> str:
+    """A connection_id or user_id: ValueError naming the rule otherwise (the one place it is checked)."""
+    if not _ID_RE.match(value):
+        raise ValueError(_ID_RULE)
+    return value
+
+
+def read_secret_file(path: Path, what: str, strip_all: bool = True) -> SecretStr:
+    """A secret kept in a file (``*_file`` settings): its text without the final newline (``strip_all``:
+    without surrounding whitespace); ValueError naming the setting when it cannot be read."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"{what}_file {path} cannot be read: {e.strerror}") from None
+    return SecretStr(text.strip() if strip_all else text.rstrip("\r\n"))
 _NAMED = re.compile(r"^(?:connections|[a-z_]+\.[a-z_.]+): ")
 _USER_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=?/%-]{1,128}$")
 
@@ -174,14 +195,7 @@ class ExternalUacSettings(_Strict):
 
     @model_validator(mode="after")
     def _password(self) -> ExternalUacSettings:
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("set either password or password_file, not both")
-        if self.password_file is not None:
-            try:
-                secret = self.password_file.read_text().rstrip("\r\n")
-            except OSError as e:
-                raise ValueError(f"password_file {self.password_file} cannot be read: {e.strerror}") from None
-            self.password = SecretStr(secret)
+        self.password = _read_key(self.password, self.password_file, "password", strip_all=False)
         if self.password is None:
             raise ValueError("password (or password_file) is required")
         return self
@@ -264,8 +278,8 @@ class Connection(_Strict):
     def _id(cls, v: Any) -> Any:
         if isinstance(v, int) and not isinstance(v, bool):
             v = str(v)
-        if isinstance(v, str) and not _ID_RE.match(v):
-            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        if isinstance(v, str):
+            check_id(v)
         return v
 
     @property
@@ -371,6 +385,12 @@ class SipSettings(_Strict):
     def effective_rtp_address(self) -> str:
         return self.rtp_address or self.bind
 
+    @property
+    def tls_ca_missing(self) -> bool:
+        """TLS registrations would verify the PBX's certificate with no CA to verify it against
+        (the one place this rule lives: the config, reloads and the API all ask it)."""
+        return self.tls_ca_file is None and self.tls_verify_server
+
     @field_validator("tls_ca_file")
     @classmethod
     def _ca(cls, v: Path | None) -> Path | None:
@@ -379,14 +399,12 @@ class SipSettings(_Strict):
         return v
 
 
-def _read_key(value: SecretStr | None, path: Path | None, what: str) -> SecretStr | None:
+def _read_key(value: SecretStr | None, path: Path | None, what: str, strip_all: bool = True) -> SecretStr | None:
+    """``what`` given inline or in a file (never both)."""
     if value is not None and path is not None:
         raise ValueError(f"set either {what} or {what}_file, not both")
     if path is not None:
-        try:
-            return SecretStr(path.read_text().strip())
-        except OSError as e:
-            raise ValueError(f"{what}_file {path} cannot be read: {e.strerror}") from None
+        return read_secret_file(path, what, strip_all)
     return value
 
 
@@ -402,8 +420,8 @@ class ApiKeySettings(_Strict):
     def _uid(cls, v: Any) -> Any:
         if isinstance(v, int) and not isinstance(v, bool):
             v = str(v)
-        if isinstance(v, str) and not _ID_RE.match(v):
-            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        if isinstance(v, str):
+            check_id(v)
         return v
 
     @model_validator(mode="after")
@@ -426,8 +444,7 @@ class HttpSettings(_Strict):
     @field_validator("default_user_id")
     @classmethod
     def _default_uid(cls, v: str) -> str:
-        if not _ID_RE.match(v):
-            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        check_id(v)
         return v
 
     @field_validator("listen")
@@ -444,13 +461,7 @@ class HttpSettings(_Strict):
 
     @model_validator(mode="after")
     def _key(self) -> HttpSettings:
-        if self.api_key is not None and self.api_key_file is not None:
-            raise ValueError("set either api_key or api_key_file, not both")
-        if self.api_key_file is not None:
-            try:
-                self.api_key = SecretStr(self.api_key_file.read_text().strip())
-            except OSError as e:
-                raise ValueError(f"api_key_file {self.api_key_file} cannot be read: {e.strerror}") from None
+        self.api_key = _read_key(self.api_key, self.api_key_file, "api_key")
         if self.api_key is None or not self.api_key.get_secret_value():
             raise ValueError("api_key (or api_key_file) is required: the status endpoint needs a Bearer key")
         return self
@@ -663,7 +674,7 @@ class AgentSettings(_FileAndEnvironment):
                 raise ValueError(f"connection_id {c.connection_id!r} is used by more than one connection")
             seen.add(c.connection_id)
         if any(c.external_uac_settings and c.external_uac_settings.transport == "TLS" for c in registering):
-            if self.sip.tls_ca_file is None and self.sip.tls_verify_server:
+            if self.sip.tls_ca_missing:
                 raise ValueError("a TLS connection needs sip.tls_ca_file to verify the PBX certificate")
         return self
 
@@ -818,7 +829,8 @@ class ClientSettings(_FileAndEnvironment):
     def base_url(self) -> str:
         """``http://HOST:PORT`` of the running agent; a wildcard listen address is reached on loopback."""
         host, port = self.http.host_port
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        if is_wildcard(host):  # a wildcard listen address is reached on loopback
+            host = "::1" if ":" in host else "127.0.0.1"
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 

@@ -521,7 +521,7 @@ class ConnectionService:
                 for c in new.connections
                 if c.registers and c.external_uac_settings and c.external_uac_settings.transport == "TLS"
             ]
-            if tls and self._settings.sip.tls_ca_file is None and self._settings.sip.tls_verify_server:
+            if tls and self._settings.sip.tls_ca_missing:
                 problems.append(f"TLS connections {', '.join(tls)} need sip.tls_ca_file, which needs a restart")
             if problems:
                 raise ReloadRefusedError(problems)

@@ -18,6 +18,8 @@ from typing import Any
 
 import pjsua2 as pj
 
+from agent.addresses import is_wildcard
+from agent.core.forwarding import request_uri
 from agent.core.sipmsg import header_values, int_header, redact
 from agent.ipc.messages import AccountSpec, StackSettings
 from agent.worker.events import (
@@ -353,7 +355,7 @@ class PjsuaAdapter:
         addr, port, port_range = self._media
         tc = ac.mediaConfig.transportConfig
         tc.boundAddress = addr
-        tc.publicAddress = advertised or ("" if addr in ("0.0.0.0", "::") else addr)
+        tc.publicAddress = advertised or ("" if is_wildcard(addr) else addr)
         tc.port = port
         tc.portRange = port_range
 
@@ -518,11 +520,10 @@ class PjsuaAdapter:
         froms = header_values(whole, "From") or header_values(whole, "f")
         call_ids = header_values(whole, "Call-ID") or header_values(whole, "i")
         call.sip_call_id = call_ids[0] if call_ids else ""
-        first = whole.split("\n", 1)[0].strip().split()
         self._sink(
             IncomingCall(
                 leg=leg,
-                request_uri=first[1] if len(first) >= 3 else "",
+                request_uri=request_uri(whole),
                 source=str(prm.rdata.srcAddress or ""),
                 call_id=call_ids[0] if call_ids else "",
                 from_value=froms[0] if froms else "",
