@@ -1,11 +1,14 @@
 """API errors: the API's usual ``{"errors": [{code, title, detail, source}]}`` shape.
 
 ``source.pointer`` (a JSON Pointer into the request body) names a body field;
-``source.parameter`` names a query or path parameter.
+``source.parameter`` names a query or path parameter. Every endpoint of the HTTP
+application answers its errors through :class:`ApiError`, whatever its status: the
+title is the status's reason phrase (``Gateway Timeout`` for a 504).
 """
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 from pydantic import ValidationError
@@ -25,7 +28,17 @@ TITLES = {
     422: "Unprocessable Entity",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    504: "Gateway Timeout",
 }
+
+
+def title_of(status: int) -> str:
+    if status in TITLES:
+        return TITLES[status]
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 class Problem:
@@ -41,7 +54,7 @@ class Problem:
         self.title = title
 
     def to_json(self, status: int) -> dict[str, Any]:
-        title = self.title or TITLES.get(status, "Error")
+        title = self.title or title_of(status)
         body: dict[str, Any] = {"code": self.code, "title": title, "detail": self.detail}
         if self.pointer is not None:
             body["source"] = {"pointer": self.pointer}

@@ -3,6 +3,7 @@
 ``http.api_key`` acts for every user; each ``http.api_keys`` entry acts for one
 ``user_id``. The keys live in one attribute holding an immutable tuple, so a
 reload replaces them in one step while request threads read them without a lock.
+:meth:`ApiKeys.authenticate` is the one place an ``Authorization`` header is read.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Mapping
 
+from agent.api.errors import ApiError
 from agent.config import HttpSettings
 
 __all__ = ["INVALID", "ApiKeys"]
@@ -62,3 +64,17 @@ class ApiKeys:
         if is_admin:
             return None
         return INVALID if found is None else found
+
+    def authenticate(self, authorization: str | None) -> str | None:
+        """Who ``Authorization: Bearer <key>`` acts for: None for the operator's key, else the
+        key's user_id. 401 (``unauthorized``) when the header is missing, not Bearer, or the key
+        is none of ours. The scheme is case-insensitive; surrounding spaces are ignored."""
+        if not authorization:
+            raise ApiError.one(401, "unauthorized", "missing Authorization header: send 'Bearer <api_key>'")
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError.one(401, "unauthorized", "Authorization must be 'Bearer <api_key>'")
+        user = self.user_of(token.strip())
+        if isinstance(user, InvalidKey):
+            raise ApiError.one(401, "unauthorized", "invalid API key")
+        return user

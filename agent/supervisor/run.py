@@ -23,12 +23,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from agent import __version__
-from agent.api.handlers import Authenticator, ConnectionsApi
-from agent.api.openapi import build_openapi
 from agent.api.service import ConnectionService
 from agent.config import AgentSettings
+from agent.http.app import create_app
 from agent.http.keys import ApiKeys
-from agent.http.server import HttpServer, StatusApi
+from agent.http.routes import AgentState
+from agent.http.server import HttpServer
 from agent.logs import configure_logging
 from agent.metrics import Metrics, WorkerProcessCollector
 from agent.reload import ReloadOutcome, reload_outcome
@@ -100,6 +100,11 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
         wake.set()
         return fut
 
+    def drop_reloads() -> None:
+        """Reloads asked for while stopping: answered 503 (the agent is stopping), not left waiting."""
+        while reloads:
+            reloads.pop(0).cancel()
+
     def on_hup(_signum: int, _frame: FrameType | None) -> None:
         reloads.append(concurrent.futures.Future())  # the main loop reloads, not the handler
         wake.set()
@@ -112,19 +117,15 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
     host, port = settings.http.host_port
     keys = ApiKeys.from_settings(settings.http)  # one set for every endpoint; reload swaps it
     service.api_keys = keys
-    connections = ConnectionsApi(service, Authenticator(keys), build_openapi, log)
-    api = StatusApi(
-        keys,
-        pool.statuses,
-        pool.health,
-        registry,
-        connections=connections,
+    agent = AgentState(
+        statuses=pool.statuses,
+        health=pool.health,
         ready=lambda: pool.ready,
         reload=request_reload,
-        agent_info=lambda: {"version": __version__, "pid": os.getpid(), "workers": len(pool.worker_pids())},
+        info=lambda: {"version": __version__, "pid": os.getpid(), "workers": len(pool.worker_pids())},
     )
     try:
-        http = HttpServer(host, port, api, log)
+        http = HttpServer(host, port, create_app(keys, agent, registry, log, service), log)
     except OSError as e:
         log.error("http_listen_failed", listen=settings.http.listen, error=e.strerror)
         store.close()
@@ -170,6 +171,7 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
                 fut.set_result(outcome)
         if not pool.alive and not stop.is_set():
             log.error("worker_pool_died")
+            drop_reloads()
             http.stop()
             store.close()
             return 1
@@ -183,8 +185,10 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
         signal=signal.Signals(signals_seen[0]).name if signals_seen else None,
         deadline_sec=settings.shutdown_timeout_sec,
     )
+    drop_reloads()
     pool.stop(settings.shutdown_timeout_sec)
     http.stop()
+    drop_reloads()
     store.close()
     log.info("agent_stopped")
     return 0

@@ -11,6 +11,7 @@ observable without sockets to a PBX.
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -26,14 +27,14 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from agent.api.handlers import Authenticator, ConnectionsApi
-from agent.api.openapi import build_openapi
 from agent.api.service import ConnectionService
 from agent.config import AgentSettings
 from agent.core.policy import RegistrationPolicy
 from agent.dns import Resolution, Resolver, Target
+from agent.http.app import create_app
 from agent.http.keys import ApiKeys
-from agent.http.server import StatusApi
+from agent.http.routes import AgentState
+from agent.http.server import HttpServer
 from agent.ipc.messages import AccountSpec, StackSettings
 from agent.logs import configure_logging
 from agent.metrics import Metrics
@@ -43,8 +44,8 @@ from agent.supervisor.launcher import Launched
 from agent.supervisor.pool import WorkerPool
 from agent.worker.engine import WorkerEngine
 from agent.worker.events import KeepaliveResult, RegResult, SipEvent
-from agent.worker.stack import NoCallSlotError, StackError, StackFactory
 from agent.worker.main import serve
+from agent.worker.stack import NoCallSlotError, StackError, StackFactory
 
 KEY = "operator-key-0123456789"
 USER_KEYS = {"tenant-323-key-0123456789": "323", "tenant-999-key-0123456789": "999"}
@@ -302,7 +303,7 @@ class Harness:
     store: ConnectionStore
     service: ConnectionService
     pool: WorkerPool
-    api: StatusApi
+    server: HttpServer  # the real HTTP application and server, on a loopback port
     log: io.StringIO
     launcher: ThreadLauncher
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
@@ -335,12 +336,22 @@ class Harness:
     ) -> tuple[int, Any]:
         headers = {}
         if key is not None:
-            headers["authorization"] = f"Bearer {key}"
+            headers["Authorization"] = f"Bearer {key}"
         content = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
         if content:
-            headers["content-type"] = ctype
-        status, _, out = self.api.handle(method, path, headers, content)
+            headers["Content-Type"] = ctype
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=60)
+        try:
+            conn.request(method, path, body=content or None, headers=headers)
+            resp = conn.getresponse()
+            status, out = resp.status, resp.read()
+        finally:
+            conn.close()
         return status, json.loads(out) if out else None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
 
     def status(self, cid: str) -> dict[str, Any]:
         code, body = self.call("GET", f"/v2/uac_connections/{cid}")
@@ -374,12 +385,14 @@ def running_agent(settings: AgentSettings) -> Iterator[Harness]:
     pool.start(service.engine_settings().connections)
     keys = ApiKeys.from_settings(settings.http)
     service.api_keys = keys
-    connections = ConnectionsApi(service, Authenticator(keys), build_openapi, log)
-    api = StatusApi(keys, pool.statuses, pool.health, registry, connections=connections, ready=lambda: pool.ready)
-    h = Harness(settings, store, service, pool, api, stream, launcher, registry)
+    agent = AgentState(statuses=pool.statuses, health=pool.health, ready=lambda: pool.ready)
+    server = HttpServer("127.0.0.1", 0, create_app(keys, agent, registry, log, service), log)
+    server.start()
+    h = Harness(settings, store, service, pool, server, stream, launcher, registry)
     try:
         yield h
     finally:
+        server.stop()
         pool.stop(2.0)
         store.close()
         structlog.configure(**previous)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.api.schemas import AdminStatus, ConnectionEnvelope, ConnectionList, Errors, RegistrationStatusView
 from tests.unit.apifakes import DEST, EXT, KEY, USER_KEYS, Harness, running_agent, settings_for
 
 TENANT = next(k for k, u in USER_KEYS.items() if u == "323")
@@ -476,21 +477,77 @@ def test_api_connections_survive_a_restart(tmp_path: Path) -> None:
         assert h.status("file-1")["managed_by"] == "file"
 
 
-def test_openapi_document_is_served(agent: Harness) -> None:
+# Every operation and the errors it documents (405, with Allow, on every one).
+OPERATIONS = {
+    ("get", "/v2/sip_registration_status"): {"200", "400", "401", "403", "404"},
+    ("get", "/healthz"): {"200", "503"},
+    ("get", "/readyz"): {"200", "400", "503"},
+    ("get", "/metrics"): {"200"},
+    ("get", "/openapi.json"): {"200"},
+    ("get", "/admin/status"): {"200", "400", "401", "403"},
+    ("post", "/admin/reload"): {"200", "401", "403", "404", "411", "413", "422", "503", "504"},
+    ("get", BASE): {"200", "400", "401", "403", "422"},
+    ("post", BASE): {"201", "400", "401", "403", "409", "411", "413", "415", "422", "503", "504"},
+    ("get", BASE + "/{id}"): {"200", "400", "401", "403", "404", "422"},
+    ("patch", BASE + "/{id}"): {"200", "400", "401", "403", "404", "409", "411", "413", "415", "422", "503", "504"},
+    ("delete", BASE + "/{id}"): {"200", "400", "401", "403", "404", "409", "422", "503", "504"},
+    ("post", BASE + "/{id}/actions/register"): {
+        *("202", "400", "401", "403", "404", "409", "411", "413", "415", "422", "503", "504"),
+    },
+    ("post", BASE + "/{id}/actions/unregister"): {
+        *("200", "400", "401", "403", "404", "409", "411", "413", "415", "422", "503", "504"),
+    },
+}
+
+
+def test_openapi_document_covers_every_path_and_its_errors(agent: Harness) -> None:
     code, doc = agent.call("GET", "/openapi.json", key=None)
     assert code == 200
-    assert doc["openapi"].startswith("3.")
-    assert set(doc["paths"]) == {
-        "/v2/uac_connections",
-        "/v2/uac_connections/{id}",
-        "/v2/uac_connections/{id}/actions/register",
-        "/v2/uac_connections/{id}/actions/unregister",
+    assert doc["openapi"].startswith("3.1")
+    served = {(method, path) for path, item in doc["paths"].items() for method in item}
+    assert served == set(OPERATIONS)
+    errors_ref = {"$ref": "#/components/schemas/Errors"}
+    for (method, path), statuses in OPERATIONS.items():
+        op = doc["paths"][path][method]
+        assert set(op["responses"]) == statuses | {"405"}, (method, path)
+        assert "Allow" in op["responses"]["405"]["headers"], (method, path)
+        for status, answer in op["responses"].items():
+            assert answer["description"], (method, path, status)
+            probe = path in ("/healthz", "/readyz") and status == "503"  # the probe's own body, not an error
+            if status >= "400" and not probe:
+                assert answer["content"]["application/json"]["schema"] == errors_ref, (method, path, status)
+        keyed = path.startswith(("/v2/", "/admin/"))
+        assert (op.get("security") == [{"bearerAuth": []}]) == keyed, (method, path)
+    assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    assert "HTTPValidationError" not in json.dumps(doc)  # FastAPI's own error shape is never answered
+    # Request bodies come from the models that validate them.
+    assert doc["paths"][BASE]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ConnectionCreate"
     }
-    create_schema = doc["components"]["schemas"]["ConnectionCreate"]
-    assert create_schema["required"] == ["connection_name"]
+    schemas = doc["components"]["schemas"]
+    assert schemas["ConnectionCreate"]["required"] == ["connection_name"]
+    assert "user_id" not in schemas["ConnectionUpdate"]["properties"]
     assert "password_file" not in json.dumps(doc)
-    assert doc["components"]["schemas"]["ExternalUacSettingsCreate"]["properties"]["transport"]["enum"] == [
-        "UDP",
-        "TCP",
-        "TLS",
-    ]
+    assert schemas["ExternalUacSettingsCreate"]["properties"]["transport"]["enum"] == ["UDP", "TCP", "TLS"]
+    assert schemas["ExternalUacSettingsCreate"]["required"] == ["proxy", "username", "password"]
+    list_params = {p["name"] for p in doc["paths"][BASE]["get"]["parameters"]}
+    assert list_params == {
+        *("page", "per_page", "order_by", "sort_direction", "filter_connection_name", "filter_user_name"),
+        *("filter_auth_user_name", "filter_active", "filter_registration_status", "filter_managed_by"),
+        "filter_user_id",
+    }
+
+
+def test_answers_match_the_document(agent: Harness) -> None:
+    """The exact response models (no extra fields) against real answers of every kind."""
+    made = registering(agent)
+    ConnectionEnvelope.model_validate(agent.call("GET", f"{BASE}/{made['id']}")[1])
+    ConnectionEnvelope.model_validate({"data": create(agent)})  # with its generated password
+    ConnectionList.model_validate(agent.call("GET", BASE)[1])
+    q = "/v2/sip_registration_status?credential_type=uac_third-party_credential&connection_id=file-1&user_id=323"
+    RegistrationStatusView.model_validate(agent.call("GET", q)[1])
+    for bad in (f"{BASE}/nope", BASE + "?colour=red", q + "&credential_type=x"):
+        Errors.model_validate(agent.call("GET", bad)[1])
+    code, body = agent.call("GET", "/admin/status")
+    assert code == 200
+    AdminStatus.model_validate(body)

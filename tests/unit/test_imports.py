@@ -8,6 +8,7 @@ import sys
 
 SUPERVISOR_ONLY = ("agent.api", "agent.http", "agent.store", "agent.config", "agent.supervisor", "agent.reload")
 HEAVY = ("pydantic", "pydantic_settings", "structlog", "prometheus_client", "yaml", "asyncio", "sqlite3")
+HTTP = ("fastapi", "starlette", "uvicorn", "anyio", "h11")  # the supervisor's HTTP stack
 
 
 def loaded_after(code: str) -> set[str]:
@@ -21,13 +22,13 @@ def loaded_after(code: str) -> set[str]:
 
 
 def test_the_supervisor_never_imports_pjsua2() -> None:
-    mods = loaded_after("import agent.cli, agent.supervisor.run, agent.supervisor.pool, agent.api.handlers")
-    assert "agent.supervisor.pool" in mods
+    mods = loaded_after("import agent.cli, agent.supervisor.run, agent.supervisor.pool, agent.http.server")
+    assert {"agent.supervisor.pool", "agent.http.app", "agent.api.routes", "fastapi", "uvicorn"} <= mods
     assert not {m for m in mods if m == "pjsua2" or m.startswith("pjsua2.") or m == "agent.worker.adapter"}
 
 
 def test_a_worker_imports_only_what_it_needs() -> None:
     mods = loaded_after("import agent.worker.zygote")  # everything a worker process has: the zygote's imports
     assert "pjsua2" in mods and "agent.worker.engine" in mods
-    unwanted = {m for m in mods if m.split(".")[0] in HEAVY or m.startswith(SUPERVISOR_ONLY)}
+    unwanted = {m for m in mods if m.split(".")[0] in HEAVY + HTTP or m.startswith(SUPERVISOR_ONLY)}
     assert unwanted == set()

@@ -15,7 +15,10 @@ from prometheus_client import CollectorRegistry
 from agent.config import Connection
 from agent.core.clock import FakeClock
 from agent.core.policy import PolicySettings, RegisterResponse, RegistrationPolicy
-from agent.http.server import HttpServer, StatusApi
+from agent.http.app import create_app
+from agent.http.keys import ApiKeys
+from agent.http.routes import AgentState
+from agent.http.server import HttpServer
 from agent.metrics import Metrics
 from agent.status import ConnectionStatus, build_status
 
@@ -60,8 +63,8 @@ def server() -> Iterator[tuple[str, CollectorRegistry]]:
     metrics = Metrics(registry)
     for st in statuses.values():
         metrics.publish(st)
-    api = StatusApi(KEY, lambda: statuses, lambda: None, registry)
-    srv = HttpServer("127.0.0.1", 0, api, structlog.get_logger())
+    app = create_app(ApiKeys(KEY), AgentState(statuses=lambda: statuses), registry, structlog.get_logger())
+    srv = HttpServer("127.0.0.1", 0, app, structlog.get_logger())
     srv.start()
     yield f"http://127.0.0.1:{srv.port}", registry
     srv.stop()
@@ -211,20 +214,28 @@ def test_readyz_refuses_an_unknown_query(server: tuple[str, CollectorRegistry], 
 
 
 def test_probes_report_what_is_wrong() -> None:
-    registry = CollectorRegistry()
     problem: list[str | None] = ["worker(s) 3 silent for over 41 s"]
     ready = [False]
-    api = StatusApi(KEY, dict, lambda: problem[0], registry, ready=lambda: ready[0])
-    code, _, body = api.handle("GET", "/healthz", {})
-    assert (code, json.loads(body)) == (503, {"status": "worker(s) 3 silent for over 41 s", "sip_thread": False})
-    code, _, body = api.handle("GET", "/readyz", {})
-    assert (code, json.loads(body)["reason"]) == (503, "starting or stopping")
-    ready[0] = True
-    code, _, body = api.handle("GET", "/readyz", {})
-    assert (code, json.loads(body)["reason"]) == (503, "worker(s) 3 silent for over 41 s")
-    problem[0] = None
-    assert api.handle("GET", "/readyz", {})[0] == 200
-    assert api.handle("GET", "/healthz", {})[0] == 200
+    state = AgentState(statuses=dict, health=lambda: problem[0], ready=lambda: ready[0])
+    log = structlog.get_logger()
+    srv = HttpServer("127.0.0.1", 0, create_app(ApiKeys(KEY), state, CollectorRegistry(), log), log)
+    srv.start()
+    base = f"http://127.0.0.1:{srv.port}"
+    try:
+        assert get(base + "/healthz", None) == (
+            503,
+            {"status": "worker(s) 3 silent for over 41 s", "sip_thread": False},
+        )
+        code, body = get(base + "/readyz", None)
+        assert (code, body["reason"]) == (503, "starting or stopping")  # type: ignore[index]
+        ready[0] = True
+        code, body = get(base + "/readyz", None)
+        assert (code, body["reason"]) == (503, "worker(s) 3 silent for over 41 s")  # type: ignore[index]
+        problem[0] = None
+        assert get(base + "/readyz", None)[0] == 200
+        assert get(base + "/healthz", None)[0] == 200
+    finally:
+        srv.stop()
 
 
 def test_metrics_contract(server: tuple[str, CollectorRegistry]) -> None:
@@ -247,9 +258,22 @@ def test_metrics_contract(server: tuple[str, CollectorRegistry]) -> None:
 
 def test_unknown_path_and_method(server: tuple[str, CollectorRegistry]) -> None:
     base, _ = server
-    code, _ = get(base + "/nope")
+    code, body = get(base + "/nope")
     assert code == 404
-    req = urllib.request.Request(base + "/metrics", method="DELETE")
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(req, timeout=5)
-    assert e.value.code == 405
+    assert body == {"errors": [{"code": "not_found", "title": "Not Found", "detail": "no resource at /nope"}]}
+    for method, path, allow in (
+        ("DELETE", "/metrics", "GET, HEAD"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("OPTIONS", "/readyz", "GET, HEAD"),
+        ("GET", "/admin/reload", "POST"),
+    ):
+        req = urllib.request.Request(base + path, method=method)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=5)
+        assert e.value.code == 405
+        assert e.value.headers["Allow"] == allow  # the old server sent no Allow
+        err = json.loads(e.value.read())["errors"][0]
+        assert (err["code"], err["detail"]) == (
+            "method_not_allowed",
+            f"{method} is not served on {path}; allowed: {allow}",
+        )
