@@ -20,6 +20,12 @@ Rules
   not finished is not doubled: its retransmissions are the probe), none while
   a REGISTER is in flight, none while the connection is not registering
   (the caller says when probing is allowed).
+* Connections of one worker that share a registrar (same target and
+  transport) share its answers: an answer to one's keepalive counts for all
+  (``on_peer_answer``), and a connection whose last window saw such an answer
+  sends none in the next one. So a worker sends about one keepalive per
+  registrar per interval, not one per connection; a miss is counted only in a
+  window in which the connection itself was probing.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ class RegistrarProbe:
         self.in_flight = False  # a keepalive transaction the stack has not finished
         self._window_end: float | None = None  # None: not probing
         self._answered = False  # an answer arrived in the current window
+        self._probing = False  # this connection probes in the current window (its own keepalive)
+        self._peer_heard = False  # a peer's keepalive was answered in the current window
         self.changed_at: float | None = None
         self.last_probe: str | None = None
 
@@ -61,6 +69,7 @@ class RegistrarProbe:
     def _restart_window(self) -> None:
         self._window_end = self._clock.monotonic() + self.interval
         self._answered = False
+        self._peer_heard = False
 
     def _set(self, reachable: bool) -> None:
         if reachable != self.reachable:
@@ -86,13 +95,19 @@ class RegistrarProbe:
             # goes one interval later, and nothing can be missed before it
             self._window_end = now + self.interval
             self._answered = True
+            self._probing = False
             return False
         if now < self._window_end:
             return False
-        if not self._answered:
+        if self._probing and not self._answered:
             self._miss()
             self.last_probe = "no answer"
+        peer = self._peer_heard
         self._restart_window()
+        if peer and not self.in_flight:
+            self._probing = False  # a peer's keepalive was answered: none needed from this one now
+            return False
+        self._probing = True
         if self.in_flight:
             return False  # its retransmissions still probe; one transaction at a time
         self.in_flight = True
@@ -102,6 +117,12 @@ class RegistrarProbe:
         """A final SIP answer to a keepalive; True when it is the first after a miss (register now)."""
         self.in_flight = False
         self.last_probe = f"{code} {reason}".strip()
+        return self._alive()
+
+    def on_peer_answer(self) -> bool:
+        """Another connection's keepalive to the same registrar was answered: it is alive (True: the
+        first answer after a miss, register now)."""
+        self._peer_heard = True
         return self._alive()
 
     def on_failure(self, text: str) -> None:

@@ -270,13 +270,22 @@ class Registrations:
         if c is None:
             return
         if ev.received:
-            if c.probe.on_answer(ev.code, ev.reason) and c.policy.keeps_registering:
-                # the registrar is back: whatever it lost, the binding is restored now
-                c.log.info("registrar_answering_again", response=f"{ev.code} {ev.reason}".strip())
-                c.policy.request_refresh()
+            response = f"{ev.code} {ev.reason}".strip()
+            self._answered_again(c, c.probe.on_answer(ev.code, ev.reason), response)
+            key = self._keepalive_key(c)
+            for peer in self.conns.values():  # the same registrar answered for them too
+                if peer is not c and peer.probe.enabled and self._keepalive_key(peer) == key:
+                    self._answered_again(peer, peer.probe.on_peer_answer(), response)
+                    self._note_liveness(peer)
         else:
             c.probe.on_failure(f"{ev.code} {ev.reason}".strip() or "no answer")
         self._note_liveness(c)
+
+    def _answered_again(self, c: Conn, recovered: bool, response: str) -> None:
+        if recovered and c.policy.keeps_registering:
+            # the registrar is back: whatever it lost, the binding is restored now
+            c.log.info("registrar_answering_again", response=response)
+            c.policy.request_refresh()
 
     def on_flow_lost(self, ev: TransportDown) -> None:
         kind = ev.kind.upper()
@@ -298,17 +307,22 @@ class Registrations:
         if not c.probe.poll(allowed=c.policy.keeps_registering and usable):
             self._note_liveness(c)
             return
-        acc = c.spec.account
-        if hop is not None and c.cursor is not None:
-            target = hop.targets[c.cursor.index].uri
-        else:
-            target = acc.proxies[0].replace(";lr", "") if acc.proxies else acc.registrar_uri
+        target = self._keepalive_key(c)[1]
         try:
             self._stack.send_keepalive(c.spec.connection_id, target)
             c.log.debug("keepalive_sent", target=target)
         except Exception as e:
             c.probe.on_failure(f"keepalive not sent: {e}")
         self._note_liveness(c)
+
+    def _keepalive_key(self, c: Conn) -> tuple[str, str]:
+        """(transport, where keepalives go): connections with the same key share a registrar."""
+        acc, hop = c.spec.account, c.spec.hop
+        if hop is not None and c.cursor is not None and hop.targets:
+            target = hop.targets[c.cursor.index].uri
+        else:
+            target = acc.proxies[0].replace(";lr", "") if acc.proxies else acc.registrar_uri
+        return acc.transport, target
 
     def _note_liveness(self, c: Conn) -> None:
         if self._report.liveness(c, self.target_label(c)):
@@ -335,7 +349,7 @@ class Registrations:
             and cursor.prefer_best()
         ):
             c.log.info("registrar_target_back", target=hop.targets[0].label)
-        c.best_answered_at = c.best_probed_at = None
+        c.best_answered_at = None  # an answer serves one refresh
         uri = hop.targets[cursor.index].uri
         if uri == c.route:
             return False
@@ -384,8 +398,11 @@ class Registrations:
         hop, cursor, p = c.spec.hop, c.cursor, c.policy
         if hop is None or cursor is None or cursor.index == 0 or not hop.targets or self._best_probe is not None:
             return
-        if p.state != RegState.REGISTERED or p.next_kind != "refresh" or c.best_probed_at is not None:
+        if p.state != RegState.REGISTERED or p.next_kind != "refresh":
             return
+        if c.best_probed_at is not None and self.now() - c.best_probed_at < BEST_PROBE_AHEAD_SEC:
+            return  # one probe per refresh: a TCP probe's refused connect reports a dropped flow,
+            # which re-registers (once per probe, never in a loop)
         due = p.next_action_in
         if due is None or due > BEST_PROBE_AHEAD_SEC:
             return

@@ -84,3 +84,45 @@ def test_off_when_the_interval_is_zero() -> None:
     assert p.poll(True) is False
     assert p.next_deadline() is None
     assert p.view().reachable is None
+
+
+def test_connections_sharing_a_registrar_share_one_keepalive_per_interval() -> None:
+    clock = FakeClock()
+    a = RegistrarProbe(10, 2, clock)
+    a.poll(True)
+    clock.advance(3)
+    b = RegistrarProbe(10, 2, clock)  # registered 3 s later: its windows end 3 s after a's
+    b.poll(True)
+    sent = {"a": 0, "b": 0}
+    for _ in range(10):  # 100 s
+        clock.advance(1)
+        for name, p, peer in (("a", a, b), ("b", b, a)):
+            if p.poll(True):
+                sent[name] += 1
+                p.on_answer(200, "OK")
+                peer.on_peer_answer()
+    for _ in range(90):
+        clock.advance(1)
+        for name, p, peer in (("a", a, b), ("b", b, a)):
+            if p.poll(True):
+                sent[name] += 1
+                p.on_answer(200, "OK")
+                peer.on_peer_answer()
+    assert sent == {"a": 10, "b": 0}  # one keepalive per interval for the two
+    assert (a.misses, b.misses, a.reachable, b.reachable) == (0, 0, True, True)
+
+
+def test_a_peer_that_stops_probing_leaves_the_keepalive_to_the_other() -> None:
+    clock = FakeClock()
+    a, b = RegistrarProbe(10, 2, clock), RegistrarProbe(10, 2, clock)
+    a.poll(True)
+    b.poll(True)
+    clock.advance(10)
+    assert a.poll(True) is True
+    a.on_answer(200, "OK")
+    b.on_peer_answer()
+    assert b.poll(True) is False  # a's answer counts for b: it sends none
+    clock.advance(10)
+    assert a.poll(allowed=False) is False  # a's REGISTER is in flight: it probes no more
+    assert b.poll(True) is True  # no peer answer in b's last window: b probes itself
+    assert b.misses == 0  # b did not probe in the window a covered: nothing missed
