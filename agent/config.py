@@ -53,6 +53,7 @@ __all__ = [
     "load_settings",
     "parse_sip_uri",
     "read_secret_file",
+    "shown_input",
 ]
 
 # The SIP stack's per-process limits are facts of the stack (agent/worker/stack.py):
@@ -750,6 +751,15 @@ def _loc(loc: tuple[int | str, ...], data: dict[str, Any] | None) -> str:
     return "".join(parts) or "(top level)"
 
 
+def shown_input(loc: tuple[object, ...], value: object) -> str:
+    """`` (got 'x')`` after an error about a plain value, shortened; nothing for a secret field (the
+    one place this is decided, for the config's lines and the API's problems alike)."""
+    if any(str(p) in _SECRET_FIELDS for p in loc) or not isinstance(value, (str, int, float, bool)):
+        return ""
+    s = repr(value)
+    return f" (got {s if len(s) <= 60 else s[:57] + '...'})"
+
+
 def format_validation_error(err: ValidationError, data: dict[str, Any] | None) -> list[str]:
     lines = []
     for e in err.errors(include_url=False):
@@ -758,12 +768,7 @@ def format_validation_error(err: ValidationError, data: dict[str, Any] | None) -
         msg = str(e["msg"]).removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown setting (check the spelling against the config reference)"
-        secret = any(str(p) in _SECRET_FIELDS for p in loc)
-        inp = e.get("input")
-        shown = ""
-        if not secret and isinstance(inp, (str, int, float, bool)) and e["type"] != "missing":
-            s = repr(inp)
-            shown = f" (got {s if len(s) <= 60 else s[:57] + '...'})"
+        shown = "" if e["type"] == "missing" else shown_input(loc, e.get("input"))
         if where == "(top level)" and _NAMED.match(msg):
             lines.append(f"{msg}{shown}")  # the message names its setting (checks across sections)
             continue

@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from agent.config import shown_input
+
 __all__ = ["ApiError", "Problem", "validation_problems"]
 
 TITLES = {
@@ -82,7 +84,6 @@ class ApiError(Exception):
         return {"errors": [p.to_json(self.status) for p in self.problems]}
 
 
-_SECRETS = {"password", "api_key"}
 
 
 def _pointer(prefix: str, loc: tuple[int | str, ...]) -> str:
@@ -107,10 +108,7 @@ def validation_problems(err: ValidationError, prefix: str = "") -> list[Problem]
             code = "invalid_value"
         if "password (or password_file) is required" in msg:
             loc, msg, code = (*loc, "password"), "password is required", "missing_field"
-        inp = e.get("input")
-        if code != "missing_field" and not any(str(p) in _SECRETS for p in loc):
-            if isinstance(inp, (str, int, float, bool)):
-                s = repr(inp)
-                msg += f" (got {s if len(s) <= 60 else s[:57] + '...'})"
+        if code != "missing_field":
+            msg += shown_input(loc, e.get("input"))
         out.append(Problem(code, msg, pointer=_pointer(prefix, loc)))
     return out

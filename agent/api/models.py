@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from agent.addresses import is_wildcard
 from agent.api.errors import ApiError, Problem, validation_problems
 from agent.config import AgentSettings, Connection
 from agent.status import ConnectionStatus, iso
@@ -172,7 +173,7 @@ def build_connection(data: dict[str, Any], settings: AgentSettings) -> Connectio
         raise ApiError(422, *problems)
     ext_s = conn.external_uac_settings
     if conn.registers and ext_s is not None and ext_s.transport == "TLS":
-        if settings.sip.tls_ca_file is None and settings.sip.tls_verify_server:
+        if settings.sip.tls_ca_missing:
             raise ApiError.one(
                 422,
                 "tls_not_configured",
@@ -189,7 +190,7 @@ def fqdn_for(conn: Connection, settings: AgentSettings, worker: int | None = Non
     (``sip.port + k``, ``sip.tls_port + k``); a connection on no worker shows worker 0's."""
     s = settings.sip
     host = s.bind
-    if host in ("0.0.0.0", "::"):  # a wildcard bind has no address of its own
+    if is_wildcard(host):  # a wildcard bind has no address of its own
         host = socket.getfqdn()
     elif ":" in host:
         host = f"[{host}]"
