@@ -94,14 +94,7 @@ def test_connections_sharing_a_registrar_share_one_keepalive_per_interval() -> N
     b = RegistrarProbe(10, 2, clock)  # registered 3 s later: its windows end 3 s after a's
     b.poll(True)
     sent = {"a": 0, "b": 0}
-    for _ in range(10):  # 100 s
-        clock.advance(1)
-        for name, p, peer in (("a", a, b), ("b", b, a)):
-            if p.poll(True):
-                sent[name] += 1
-                p.on_answer(200, "OK")
-                peer.on_peer_answer()
-    for _ in range(90):
+    for _ in range(100):  # 100 s
         clock.advance(1)
         for name, p, peer in (("a", a, b), ("b", b, a)):
             if p.poll(True):
