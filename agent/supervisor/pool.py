@@ -81,6 +81,8 @@ STABLE_AFTER_SEC = 60.0
 START_TIMEOUT_SEC = 30.0
 # /healthz and the systemd watchdog: how long the pool's loop may take to answer.
 HEALTH_TIMEOUT_SEC = 2.0
+# ... and an answer serves for this long (several probes in a second ask the loop once).
+HEALTH_CACHE_SEC = 1.0
 # A heartbeat round is sent in at most this many groups spread over its period.
 PING_GROUPS = 20
 # At start-up, how long a port held by a previous supervisor's workers is waited for.
@@ -145,6 +147,7 @@ class WorkerPool:
         self._tasks: set[asyncio.Future[Any]] = set()
         self._ping_task: asyncio.Task[None] | None = None
         self._started = False
+        self._health_seen: tuple[float, str | None] | None = None  # (monotonic, answer) of health()
         self._hops = hops or HopResolver(settings.sip)
         # DNS lookups run here, never on the loop thread (nor, in the workers, on a SIP thread).
         self._dns = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="dns")
@@ -213,12 +216,18 @@ class WorkerPool:
         """
         if not self.alive:
             return "the worker pool has stopped"
+        now = time.monotonic()
+        seen = self._health_seen
+        if seen is not None and now - seen[0] < HEALTH_CACHE_SEC:
+            return seen[1]  # probes and scrapes arriving together ask the loop once
         try:
-            return self._call(self._health(), timeout)
+            problem = self._call(self._health(), timeout)
         except concurrent.futures.TimeoutError:
-            return f"the worker pool did not answer within {timeout:.0f} s"
+            problem = f"the worker pool did not answer within {timeout:.0f} s"
         except Exception as e:
-            return f"the worker pool did not answer: {e}"
+            problem = f"the worker pool did not answer: {e}"
+        self._health_seen = (time.monotonic(), problem)
+        return problem
 
     async def _health(self) -> str | None:
         if self._ping_task is not None and self._ping_task.done():

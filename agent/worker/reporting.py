@@ -99,10 +99,11 @@ class Reporter:
     def publish(self, conns: Iterable[Conn], target_of: Callable[[Conn], str | None]) -> None:
         """Send the snapshot of every connection whose visible state changed."""
         for c in conns:
-            key = (*c.policy.change_key(), c.probe.view(), target_of(c))
+            target = target_of(c)
+            key = (*c.policy.change_key(), c.probe.view(), target)
             if key != c.last_sent:
                 c.last_sent = key
-                self._emit(StateChanged(c.spec.connection_id, self.snapshot(c, target_of(c))))
+                self._emit(StateChanged(c.spec.connection_id, self.snapshot(c, target)))
 
     def snapshot(self, c: Conn, target: str | None) -> PolicySnapshot:
         view = c.probe.view()
