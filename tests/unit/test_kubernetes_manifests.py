@@ -35,7 +35,7 @@ AGENT = "uac-agent"
 WORKLOAD_KINDS = ("Pod", "Deployment", "StatefulSet")
 # BENCHMARKS.md, "Registrations: 1,000 connections on one host": PSS of the supervisor,
 # the zygote and one worker of 7 connections, in MiB.
-PSS_SUPERVISOR_MIB, PSS_ZYGOTE_MIB, PSS_WORKER_MIB = 69.2, 9.6, 5.4
+PSS_SUPERVISOR_MIB, PSS_ZYGOTE_MIB, PSS_WORKER_MIB = 86.2, 10.1, 5.9
 _PORT_NAME = re.compile(r"^(?=.*[a-z])(?!.*--)[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")  # IANA_SVC_NAME
 
 
