@@ -86,6 +86,8 @@ def read_secret_file(path: Path, what: str, strip_all: bool = True) -> SecretStr
     except OSError as e:
         raise ValueError(f"{what}_file {path} cannot be read: {e.strerror}") from None
     return SecretStr(text.strip() if strip_all else text.rstrip("\r\n"))
+
+
 _NAMED = re.compile(r"^(?:connections|[a-z_]+\.[a-z_.]+): ")
 _USER_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=?/%-]{1,128}$")
 

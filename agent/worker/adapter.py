@@ -242,9 +242,7 @@ class _Account(pj.Account):  # type: ignore[misc]
             tsx = tsx_event.tsx
             received = int(tsx_event.type) == pj.PJSIP_EVENT_RX_MSG
             self._sink(
-                KeepaliveResult(
-                    key=self.key, code=int(tsx.statusCode), reason=str(tsx.statusText), received=received
-                )
+                KeepaliveResult(key=self.key, code=int(tsx.statusCode), reason=str(tsx.statusText), received=received)
             )
         except Exception as e:
             self._sink(StackLog(level=1, message=f"onSendRequest failed: {e!r}"))
