@@ -118,9 +118,7 @@ def advertised_for(sip: SipSettings, peer_host: str | None) -> Advertised:
     external = sip.external_signaling_address
     external_media = sip.external_media_address or external
     media_bound = sip.effective_rtp_address
-    needs_peer = (external and sip.local_nets) or (
-        not external and (is_wildcard(sip.bind) or is_wildcard(media_bound))
-    )
+    needs_peer = (external and sip.local_nets) or (not external and (is_wildcard(sip.bind) or is_wildcard(media_bound)))
     peer_ip = resolve_ip(peer_host) if peer_host and needs_peer else None
     if external and not _in_local_nets(sip, peer_ip):
         return Advertised(external, external_media, "sip.external_signaling_address")

@@ -84,8 +84,6 @@ class ApiError(Exception):
         return {"errors": [p.to_json(self.status) for p in self.problems]}
 
 
-
-
 def _pointer(prefix: str, loc: tuple[int | str, ...]) -> str:
     parts = [str(p).replace("~", "~0").replace("/", "~1") for p in loc]
     return prefix + "".join("/" + p for p in parts)

@@ -437,6 +437,7 @@ class ConnectionService:
         with self._lock:
             rec = self.get(cid, user)
             self._writable(rec)
+
             def forget() -> None:
                 self._store.delete(cid)
                 self._drop(cid)

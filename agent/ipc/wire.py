@@ -84,4 +84,3 @@ class FrameReader:
     def pending(self) -> int:
         """Bytes of an incomplete frame held back."""
         return len(self._buf)
-

@@ -352,7 +352,7 @@ def test_bad_forwarding_settings_name_the_field(tmp_path: Path, internal: dict[s
     ("name", "value"),
     [
         ("UAC_AGENT_CONNECTIONS", '[{"connection_id": "a", "password": "pw-in-json-0"'),
-        ("UAC_AGENT_HTTP__API_KEYS", '{user_id: pw-in-json-0}'),
+        ("UAC_AGENT_HTTP__API_KEYS", "{user_id: pw-in-json-0}"),
     ],
 )
 def test_malformed_json_in_an_environment_variable_exits_2_naming_it(tmp_path: Path, name: str, value: str) -> None:

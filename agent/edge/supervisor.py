@@ -1,0 +1,526 @@
+"""The SIP edge as the supervisor runs it: Kamailio, rtpengine and HAProxy as its children.
+
+Rules
+-----
+* Each engine is a child process in a session of its own, configured only from the
+  agent's settings (configs rendered into the runtime directory; nothing in /etc is read
+  or written), its output read line by line into the agent's log. Its lifecycle is
+  :class:`~agent.edge.lifecycle.EngineLifecycle`: one that dies is started again at once
+  (then with a growing delay if it keeps dying), counted in
+  ``uac_agent_edge_restarts_total{process}``; ``uac_agent_edge_up{process}`` says which run.
+* What Kamailio routes by is data (:mod:`agent.edge.messages`): the supervisor keeps the
+  whole of it here and hands every change over RPC at once, and all of it to a Kamailio
+  that (re)started, before Kamailio takes calls (``state=>ready``). A change touches one
+  record: no restart, no other connection's call.
+* Kamailio's events are read from its event stream into :class:`~agent.edge.calls.CallBook`
+  (metrics, log lines); a closed TCP flow goes to ``on_flow_closed``.
+* The keeper (``agent/edge/keeper.py``) ends every engine a few seconds after the
+  supervisor is gone, whatever killed it, once the workers have unregistered through
+  the edge.
+* Everything here runs on the edge's own event loop thread; other threads use the public
+  methods, which hand the work over and never wait for an engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent.core.clock import SystemClock
+from agent.edge import haproxy, kamailio, rtpengine
+from agent.edge.calls import CallBook
+from agent.edge.control import ControlError, EventStream, HaproxyApi, KamailioRpc, rtpengine_ping
+from agent.edge.layout import LOOPBACK, EdgeLayout
+from agent.edge.lifecycle import EngineLifecycle, EngineState, Move
+from agent.edge.messages import EdgeConnection, EdgeEventError, TcpClosed, TlsTarget
+from agent.metrics import Metrics
+
+__all__ = ["Edge", "EdgeError", "EdgePlan"]
+
+T = TypeVar("T")
+
+READY_TIMEOUT_SEC = 15.0
+STOP_TIMEOUT_SEC = 3.0
+# After the supervisor is gone, the keeper waits this long (the workers unregister within 2.5 s).
+KEEPER_GRACE_SEC = 3.0
+# Engine output lines logged per second at most (a burst of twice that), the rest counted.
+LOG_LINES_PER_SEC = 50.0
+_CHILD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+_KAMAILIO_LEVEL = re.compile(r"^\s*-?\d+\((\d+)\) (\w+):")
+
+
+class EdgeError(Exception):
+    """The edge could not start; the message says which engine and why."""
+
+
+@dataclass(frozen=True)
+class EdgePlan:
+    """Everything the engines are started with (built once by the supervisor, agent/supervisor/edge.py)."""
+
+    layout: EdgeLayout
+    kamailio: kamailio.KamailioOptions
+    shm_mib: int
+    haproxy: haproxy.HaproxyOptions
+    media_interfaces: Mapping[str, str]
+    max_sessions: int
+    media_max_cpu_percent: float
+    rtpengine_log_level: int
+
+
+@dataclass
+class _Engine:
+    name: str
+    life: EngineLifecycle
+    argv: list[str]
+    ready: Callable[[], Awaitable[None]]
+    on_up: Callable[[], Awaitable[None]] | None = None
+    proc: asyncio.subprocess.Process | None = None
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    up_once: asyncio.Event = field(default_factory=asyncio.Event)
+    tokens: float = 2 * LOG_LINES_PER_SEC
+    refilled: float = 0.0
+    dropped: int = 0
+
+
+class Edge:
+    def __init__(
+        self,
+        plan: EdgePlan,
+        metrics: Metrics,
+        logger: Any,
+        on_flow_closed: Callable[[str, int], None] | None = None,
+        on_active: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self._plan = plan
+        self._lay = plan.layout
+        self._metrics = metrics
+        self._log = logger.bind(component="edge")
+        self._on_flow_closed = on_flow_closed
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._engines: dict[str, _Engine] = {}
+        self._records: dict[str, EdgeConnection] = {}
+        self._tls: dict[str, TlsTarget] = {}  # by key "IP:PORT"
+        self._changes: asyncio.Queue[tuple[str, object]] | None = None
+        self._rpc = KamailioRpc(self._lay.kamailio_rpc, self._lay.runtime_dir / "supervisor-rpc.sock")
+        self._haproxy_api = HaproxyApi(self._lay.haproxy_api)
+        self._stopping = False
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._keeper: subprocess.Popen[bytes] | None = None
+        self.calls = CallBook(metrics, self._log, on_active)
+        self._clock = SystemClock()
+
+    # -- other threads -------------------------------------------------------------
+
+    def start(self, timeout: float = READY_TIMEOUT_SEC) -> None:
+        """Write the configs, start every engine and return once all answer; EdgeError otherwise."""
+        if self._thread is not None:
+            raise EdgeError("already started")
+        self._write_configs()
+        self._keeper = subprocess.Popen(
+            [sys.executable, "-m", "agent.edge.keeper", str(KEEPER_GRACE_SEC)],
+            stdin=subprocess.PIPE,
+            env={**_CHILD_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+            start_new_session=True,
+        )
+        self._thread = threading.Thread(target=self._loop.run_forever, name="edge", daemon=True)
+        self._thread.start()
+        try:
+            self._call(self._start(), timeout + 2)
+        except concurrent.futures.TimeoutError:
+            self.stop()
+            raise EdgeError(f"the edge did not start within {timeout:.0f} s: {self._waiting_for()}") from None
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, timeout: float = STOP_TIMEOUT_SEC) -> None:
+        """Stop every engine (SIGTERM, SIGKILL after ``timeout``); safe twice."""
+        t = self._thread
+        if t is not None and t.is_alive():
+            try:
+                self._call(self._stop(timeout), timeout + 5)
+            except Exception as e:
+                self._log.error("edge_stop_failed", error=repr(e))
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            t.join(5)
+            if not t.is_alive():
+                self._loop.close()
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None and keeper.stdin is not None:
+            keeper.stdin.close()  # nothing left for it to end
+            try:
+                keeper.wait(2)
+            except subprocess.TimeoutExpired:
+                keeper.kill()
+
+    def put(self, rec: EdgeConnection) -> None:
+        self._soon(self._put, rec)
+
+    def remove(self, line: str) -> None:
+        self._soon(self._remove, line)
+
+    def put_tls(self, target: TlsTarget) -> None:
+        self._soon(self._put_tls, target)
+
+    def health(self) -> str | None:
+        """None while every engine runs; else which do not."""
+        down = [e.name for e in list(self._engines.values()) if e.life.state is not EngineState.UP]
+        return f"edge process(es) not running: {', '.join(down)}" if down else None
+
+    def pids(self) -> list[tuple[str, int]]:
+        return [(e.name, e.proc.pid) for e in list(self._engines.values()) if e.proc is not None]
+
+    def _soon(self, fn: Callable[[T], None], arg: T) -> None:
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, arg)
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _waiting_for(self) -> str:
+        parts = []
+        for e in self._engines.values():
+            if e.life.state is not EngineState.UP:
+                last = " | ".join(list(e.tail)[-3:])
+                parts.append(f"{e.name} ({e.life.state.value}{': ' + last if last else ''})")
+        return "; ".join(parts) or "nothing"
+
+    # -- configs -------------------------------------------------------------------
+
+    def _write_configs(self) -> None:
+        lay, plan = self._lay, self._plan
+        lay.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (lay.runtime_dir / "kamailio.cfg").write_text(kamailio.render(lay, plan.kamailio))
+        (lay.runtime_dir / "haproxy.cfg").write_text(haproxy.render(lay, plan.haproxy))
+        for path in (haproxy.names_map(lay), haproxy.addresses_map(lay), haproxy.ports_map(lay)):
+            if not path.exists():
+                path.write_text("")
+
+    # -- the loop thread -----------------------------------------------------------
+
+    async def _start(self) -> None:
+        self._changes = asyncio.Queue()
+        lay, plan = self._lay, self._plan
+        self._engines = {
+            "rtpengine": _Engine(
+                "rtpengine",
+                EngineLifecycle("rtpengine", self._clock),
+                rtpengine.argv(
+                    lay, plan.media_interfaces, plan.max_sessions, plan.media_max_cpu_percent, plan.rtpengine_log_level
+                ),
+                lambda: rtpengine_ping(LOOPBACK, lay.rtpengine_port, timeout=0.5),
+            ),
+            "haproxy": _Engine(
+                "haproxy",
+                EngineLifecycle("haproxy", self._clock),
+                haproxy.argv(lay.runtime_dir / "haproxy.cfg"),
+                self._haproxy_ready,
+            ),
+            "kamailio": _Engine(
+                "kamailio",
+                EngineLifecycle("kamailio", self._clock),
+                kamailio.argv(lay.runtime_dir / "kamailio.cfg", lay.runtime_dir, plan.shm_mib),
+                self._kamailio_ready,
+                self._kamailio_up,
+            ),
+        }
+        for e in self._engines.values():
+            self._track(self._loop.create_task(self._supervise(e)))
+        self._track(self._loop.create_task(self._push_changes()))
+        self._track(self._loop.create_task(self._read_events()))
+        await asyncio.gather(*(e.up_once.wait() for e in self._engines.values()))
+        self._log.info(
+            "edge_started", processes={e.name: e.proc.pid if e.proc else None for e in self._engines.values()}
+        )
+
+    async def _stop(self, timeout: float) -> None:
+        self._stopping = True
+        for e in self._engines.values():
+            e.life.move(Move.STOP)
+            self._signal(e, signal.SIGTERM)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and any(e.proc and e.proc.returncode is None for e in self._engines.values()):
+            await asyncio.sleep(0.02)
+        for e in self._engines.values():
+            if e.proc is not None and e.proc.returncode is None:
+                self._log.warning("edge_process_killed", process=e.name, reason="did not stop in time")
+            self._signal(e, signal.SIGKILL)
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._rpc.close()
+
+    def _track(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _signal(self, e: _Engine, sig: signal.Signals) -> None:
+        """``sig`` to the engine's whole process group (Kamailio's children too)."""
+        if e.proc is None:
+            return
+        try:
+            os.killpg(e.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _keep(self, word: str, pgid: int) -> None:
+        k = self._keeper
+        if k is None or k.stdin is None:
+            return
+        try:
+            os.write(k.stdin.fileno(), f"{word} {pgid}\n".encode())
+        except OSError:
+            pass
+
+    async def _supervise(self, e: _Engine) -> None:
+        while not self._stopping:
+            e.life.move(Move.START)
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *e.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=_CHILD_ENV,
+                    cwd=str(self._lay.runtime_dir),
+                    start_new_session=True,
+                    limit=1 << 16,
+                )
+            except OSError as err:
+                e.tail.append(f"cannot start: {err}")
+                self._log.error("edge_process_failed", process=e.name, error=str(err))
+                e.life.move(Move.EXITED)
+                await asyncio.sleep(max(1.0, e.life.restart_delay))
+                continue
+            e.proc = proc
+            self._keep("pgid", proc.pid)
+            relay = self._loop.create_task(self._relay(e, proc))
+            await self._until_ready(e, proc)
+            code = await proc.wait()
+            await asyncio.wait({relay}, timeout=1.0)
+            self._signal(e, signal.SIGKILL)  # what is left of its group (Kamailio's children)
+            self._reap_group(proc.pid)
+            self._keep("forget", proc.pid)
+            self._metrics.edge_up.labels(process=e.name).set(0)
+            was_up = e.life.state is EngineState.UP
+            e.life.move(Move.EXITED)
+            if self._stopping or e.life.state is EngineState.STOPPED:
+                return
+            self._metrics.edge_restarts.labels(process=e.name).inc()
+            self._log.error(
+                "edge_process_died",
+                process=e.name,
+                exit=describe(code),
+                was_up=was_up,
+                restart_in_sec=e.life.restart_delay,
+                last_lines=list(e.tail)[-5:],
+            )
+            if e.name == "kamailio":
+                self.calls.reset(f"kamailio {describe(code)}")
+            await asyncio.sleep(e.life.restart_delay)
+
+    async def _until_ready(self, e: _Engine, proc: asyncio.subprocess.Process) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_SEC
+        while proc.returncode is None:
+            try:
+                await e.ready()
+            except (ControlError, OSError):
+                if time.monotonic() > deadline:
+                    self._log.error("edge_process_unresponsive", process=e.name, timeout_sec=READY_TIMEOUT_SEC)
+                    self._signal(e, signal.SIGKILL)
+                    return
+                await asyncio.sleep(0.05)
+                continue
+            if e.on_up is not None:
+                try:
+                    await e.on_up()
+                except (ControlError, OSError) as err:
+                    self._log.error("edge_setup_failed", process=e.name, error=str(err))
+                    self._signal(e, signal.SIGKILL)
+                    return
+            if e.life.state is EngineState.STARTING:
+                e.life.move(Move.READY)
+                self._metrics.edge_up.labels(process=e.name).set(1)
+                if e.up_once.is_set():
+                    self._log.info("edge_process_restarted", process=e.name, pid=proc.pid, restarts=e.life.restarts)
+                e.up_once.set()
+            return
+
+    def _reap_group(self, pgid: int) -> None:
+        """Reap the engine's children re-parented to this process (a child subreaper) once it died."""
+        me = os.getpid()
+        for task in Path(f"/proc/{me}/task").glob("*"):
+            try:
+                pids = [int(p) for p in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            for pid in pids:
+                try:
+                    if os.getpgid(pid) != pgid:
+                        continue
+                    os.waitpid(pid, os.WNOHANG)
+                except (ChildProcessError, ProcessLookupError, PermissionError):
+                    continue
+
+    async def _relay(self, e: _Engine, proc: asyncio.subprocess.Process) -> None:
+        """The engine's output into the agent's log, at most LOG_LINES_PER_SEC lines a second."""
+        assert proc.stdout is not None
+        while True:
+            try:
+                raw = await proc.stdout.readline()
+            except ValueError:  # a line longer than the limit: skip it
+                continue
+            if not raw:
+                return
+            line = raw.decode(errors="replace").rstrip()
+            if not line:
+                continue
+            e.tail.append(line[:300])
+            now = time.monotonic()
+            e.tokens = min(2 * LOG_LINES_PER_SEC, e.tokens + (now - e.refilled) * LOG_LINES_PER_SEC)
+            e.refilled = now
+            if e.tokens < 1:
+                e.dropped += 1
+                continue
+            e.tokens -= 1
+            if e.dropped:
+                self._log.warning("edge_log_dropped", process=e.name, lines=e.dropped)
+                self._metrics.log_lines_dropped.inc(e.dropped)
+                e.dropped = 0
+            level = _level(e.name, line)
+            getattr(self._log, level)("edge_log", process=e.name, line=line[:2000])
+
+    # -- engines' readiness and set-up ---------------------------------------------
+
+    async def _haproxy_ready(self) -> None:
+        out = await self._haproxy_api.command("show info", timeout=0.5)
+        if "Pid:" not in out:
+            raise ControlError("haproxy: no info")
+
+    async def _kamailio_ready(self) -> None:
+        await self._rpc.call("core.version", timeout=0.5)
+
+    async def _kamailio_up(self) -> None:
+        """A Kamailio that (re)started gets every record, then takes calls."""
+        for rec in list(self._records.values()):
+            await self._rpc.call("htable.sets", "conn", rec.line, rec.encode())
+        for t in list(self._tls.values()):
+            await self._send_tls(t)
+        await self._rpc.call("htable.seti", "state", "ready", 1)
+
+    # -- data ------------------------------------------------------------------------
+
+    def _put(self, rec: EdgeConnection) -> None:
+        if self._records.get(rec.line) == rec:
+            return
+        self._records[rec.line] = rec
+        if self._changes is not None:
+            self._changes.put_nowait(("put", rec))
+
+    def _remove(self, line: str) -> None:
+        if self._records.pop(line, None) is not None and self._changes is not None:
+            self._changes.put_nowait(("remove", line))
+
+    def _put_tls(self, target: TlsTarget) -> None:
+        if self._tls.get(target.key) == target:
+            return
+        self._tls[target.key] = target
+        if self._changes is not None:
+            self._changes.put_nowait(("tls", target))
+
+    async def _send_tls(self, t: TlsTarget) -> None:
+        await self._rpc.call("htable.sets", "tlsport", t.key, str(t.local_port))
+        await self._rpc.call("htable.sets", "tlspeer", str(t.local_port), t.address)
+
+    async def _push_changes(self) -> None:
+        """Each change to Kamailio as it comes; one Kamailio misses is in the full set it gets at (re)start."""
+        assert self._changes is not None
+        while True:
+            kind, item = await self._changes.get()
+            k = self._engines.get("kamailio")
+            if k is None or k.life.state is not EngineState.UP:
+                continue
+            try:
+                if kind == "put" and isinstance(item, EdgeConnection):
+                    await self._rpc.call("htable.sets", "conn", item.line, item.encode())
+                elif kind == "remove" and isinstance(item, str):
+                    await self._rpc.call("htable.delete", "conn", item)
+                elif kind == "tls" and isinstance(item, TlsTarget):
+                    await self._send_tls(item)
+            except ControlError as e:
+                self._log.warning("edge_change_failed", change=kind, error=str(e))
+
+    async def _read_events(self) -> None:
+        k = self._engines["kamailio"]
+        while True:
+            await k.up_once.wait()
+            if k.life.state is not EngineState.UP:
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                reader, writer = await asyncio.open_connection(LOOPBACK, self._lay.evapi_port)
+            except OSError:
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                async for ev in EventStream(reader):
+                    if isinstance(ev, EdgeEventError):
+                        self._log.warning("edge_event_bad", error=str(ev))
+                    elif isinstance(ev, TcpClosed):
+                        if self._on_flow_closed is not None:
+                            self._on_flow_closed(ev.address, ev.port)
+                    else:
+                        try:
+                            self.calls.on_event(ev)
+                        except Exception as e:  # one bad event must never stop the reader
+                            self._log.error("edge_event_failed", event=type(ev).__name__, error=repr(e))
+            except (asyncio.IncompleteReadError, ConnectionError, EdgeEventError, asyncio.LimitOverrunError) as e:
+                if not self._stopping:
+                    self._log.debug("edge_events_reconnect", reason=repr(e))
+            finally:
+                writer.close()
+            await asyncio.sleep(0.1)
+
+
+def _level(engine: str, line: str) -> str:
+    """The log level of an engine's output line."""
+    if engine == "kamailio":
+        m = _KAMAILIO_LEVEL.match(line)
+        word = m.group(2) if m else ""
+    elif engine == "rtpengine":
+        word = line.split("] ", 1)[1].split(":", 1)[0] if "] " in line else ""
+    else:  # haproxy: "[NOTICE]   (123) : ..."
+        word = line[1:].split("]", 1)[0] if line.startswith("[") else ""
+    word = word.upper()
+    if word in ("ERROR", "ERR", "CRITICAL", "CRIT", "ALERT", "BUG", "EMERG") and "exited normally" not in line:
+        return "error"
+    if word in ("WARNING", "WARN"):
+        return "warning"
+    if word in ("DEBUG", "DBG"):
+        return "debug"
+    return "info"
+
+
+def describe(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
