@@ -87,6 +87,11 @@ def free_port_block(count: int, host: str = "127.0.0.1", low: int = 10000, high:
     raise RuntimeError(f"no block of {count} free ports found")
 
 
+def release_port_block(base: int, count: int) -> None:
+    """Hand a block out again once whatever used it has exited (an agent under test's RTP ports)."""
+    _handed_out.difference_update(range(base, base + count))
+
+
 @dataclass
 class KamailioConfig:
     port: int

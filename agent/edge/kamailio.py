@@ -174,7 +174,8 @@ def render(lay: EdgeLayout, opts: KamailioOptions) -> str:
         f'modparam("evapi", "bind_addr", "{LOOPBACK}:{lay.evapi_port}")',
         'modparam("evapi", "netstring_format", 1)',
         f'modparam("topoh", "mask_key", "{opts.topoh_key}")',
-        'modparam("topoh", "mask_ip", "127.0.0.250")',
+        # the masked Via and Contact name the edge (in-dialog requests follow Record-Route)
+        f'modparam("topoh", "mask_ip", "{_host(opts.advertised or LOOPBACK)}")',
         'modparam("topoh", "uparam_name", "uac-th")',
         'modparam("topoh", "mask_callid", 0)',
         "",

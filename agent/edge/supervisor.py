@@ -205,9 +205,7 @@ class Edge:
         lay.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (lay.runtime_dir / "kamailio.cfg").write_text(kamailio.render(lay, plan.kamailio))
         (lay.runtime_dir / "haproxy.cfg").write_text(haproxy.render(lay, plan.haproxy))
-        for path in (haproxy.names_map(lay), haproxy.addresses_map(lay), haproxy.ports_map(lay)):
-            if not path.exists():
-                path.write_text("")
+        self._write_tls_maps(self._tls_maps())  # none from an earlier run
 
     # -- the loop thread -----------------------------------------------------------
 
@@ -228,6 +226,7 @@ class Edge:
                 EngineLifecycle("haproxy", self._clock),
                 haproxy.argv(lay.runtime_dir / "haproxy.cfg"),
                 self._haproxy_ready,
+                self._haproxy_up,
             ),
             "kamailio": _Engine(
                 "kamailio",
@@ -237,8 +236,14 @@ class Edge:
                 self._kamailio_up,
             ),
         }
+        # rtpengine first: Kamailio's processes ping it as they start, and a ping that finds
+        # nobody leaves an ICMP error on that process's socket that fails its next command.
+        media = self._engines["rtpengine"]
+        self._track(self._loop.create_task(self._supervise(media)))
+        await media.up_once.wait()
         for e in self._engines.values():
-            self._track(self._loop.create_task(self._supervise(e)))
+            if e is not media:
+                self._track(self._loop.create_task(self._supervise(e)))
         self._track(self._loop.create_task(self._push_changes()))
         self._track(self._loop.create_task(self._read_events()))
         await asyncio.gather(*(e.up_once.wait() for e in self._engines.values()))
@@ -446,11 +451,56 @@ class Edge:
         await self._rpc.call("htable.sets", "tlsport", t.key, str(t.local_port))
         await self._rpc.call("htable.sets", "tlspeer", str(t.local_port), t.address)
 
+    def _tls_maps(self) -> dict[Path, dict[str, str]]:
+        """HAProxy's three maps (loopback port -> name, address, port) of every TLS target."""
+        lay = self._lay
+        out: dict[Path, dict[str, str]] = {
+            haproxy.names_map(lay): {},
+            haproxy.addresses_map(lay): {},
+            haproxy.ports_map(lay): {},
+        }
+        for t in self._tls.values():
+            port = str(t.local_port)
+            out[haproxy.names_map(lay)][port] = t.name
+            out[haproxy.addresses_map(lay)][port] = t.address
+            out[haproxy.ports_map(lay)][port] = str(t.port)
+        return out
+
+    def _write_tls_maps(self, maps: dict[Path, dict[str, str]]) -> None:
+        """The maps' files, read by a HAProxy that (re)starts (runs off the loop)."""
+        for path, entries in maps.items():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(f"{k} {v}\n" for k, v in sorted(entries.items())))
+            tmp.replace(path)
+
+    async def _send_tls_maps(self, maps: dict[Path, dict[str, str]]) -> None:
+        """The running HAProxy's maps, changed live (runtime API)."""
+        for path, entries in maps.items():
+            for key, value in entries.items():
+                out = await self._haproxy_api.command(f"set map {path} {key} {value}")
+                if "not found" in out.lower():
+                    out = await self._haproxy_api.command(f"add map {path} {key} {value}")
+                if out.strip():
+                    raise ControlError(f"haproxy: map {path.name} {key}: {out.strip()[:200]}")
+
+    async def _haproxy_up(self) -> None:
+        """A HAProxy that (re)started has the maps' files; a target added since is sent again."""
+        await self._send_tls_maps(self._tls_maps())
+
     async def _push_changes(self) -> None:
         """Each change to Kamailio as it comes; one Kamailio misses is in the full set it gets at (re)start."""
         assert self._changes is not None
         while True:
             kind, item = await self._changes.get()
+            if kind == "tls":
+                maps = self._tls_maps()
+                await asyncio.to_thread(self._write_tls_maps, maps)
+                h = self._engines.get("haproxy")
+                if h is not None and h.life.state is EngineState.UP:
+                    try:
+                        await self._send_tls_maps(maps)
+                    except ControlError as e:
+                        self._log.warning("edge_change_failed", change="tls_map", error=str(e))
             k = self._engines.get("kamailio")
             if k is None or k.life.state is not EngineState.UP:
                 continue

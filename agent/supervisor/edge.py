@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from agent.addresses import is_wildcard
 from agent.config import AgentSettings
 from agent.edge.haproxy import HaproxyOptions
 from agent.edge.kamailio import KamailioOptions
 from agent.edge.layout import layout_of, runtime_dir
-from agent.addresses import is_wildcard
 from agent.edge.media import local_ipv4_addresses, media_plan
 from agent.edge.supervisor import EdgePlan
 from agent.supervisor.specs import EdgeRecords, default_address
