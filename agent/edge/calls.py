@@ -57,8 +57,15 @@ class _Call:
 
 
 class CallBook:
-    def __init__(self, metrics: Metrics, log: Any, on_active: Callable[[str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        log: Any,
+        on_active: Callable[[str, int], None] | None = None,
+        describe: Callable[[str, str], str] | None = None,
+    ) -> None:
         self._metrics = metrics
+        self._describe = describe or (lambda _cid, uri: uri)  # (connection_id, target URI) -> its label
         self._log = log
         self._on_active = on_active
         self._active: dict[str, int] = {}
@@ -173,7 +180,12 @@ class CallBook:
     def _failover(self, ev: CallFailover) -> None:
         self._metrics.failovers.labels(connection_id=ev.connection_id, kind="leg_b").inc()
         self._log.warning(
-            "leg_b_failover", connection_id=ev.connection_id, call_id_a=ev.call_id, failed=ev.failed, code=ev.code
+            "leg_b_failover",
+            connection_id=ev.connection_id,
+            call_id_a=ev.call_id,
+            failed=self._describe(ev.connection_id, ev.failed),
+            code=ev.code,
+            target=self._describe(ev.connection_id, ev.next) if ev.next else None,
         )
 
     _handlers: dict[type, Callable[[CallBook, Any], None]] = {

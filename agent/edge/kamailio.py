@@ -100,8 +100,9 @@ def render(lay: EdgeLayout, opts: KamailioOptions) -> str:
         "",
         "####### Names the routing script uses ########",
     ]
-    if not lay.wildcard:
-        lines.append(f'#!substdef "!PUB_SOCKET!udp:{_host(pub)}:{lay.sip_port}!g"')
+    # UDP to peers always leaves from the public socket (bound to a wildcard, the kernel picks
+    # the source address; never the workers' loopback socket, whose port nobody is told)
+    lines.append(f'#!substdef "!PUB_SOCKET!udp:{_host(pub)}:{lay.sip_port}!g"')
     lines += [
         f'#!substdef "!SIP_PORT!{lay.sip_port}!g"',
         f'#!substdef "!TLS_PORT!{lay.tls_port}!g"',
@@ -164,6 +165,9 @@ def render(lay: EdgeLayout, opts: KamailioOptions) -> str:
         'modparam("dialog", "profiles_no_value", "all")',
         'modparam("dialog", "default_timeout", 21600)',
         'modparam("dialog", "enable_stats", 0)',
+        # A branch made after a failover (failure_route) has no did= in its Record-Route:
+        # those dialogs are matched by Call-ID and tags.
+        'modparam("dialog", "dlg_match_mode", 1)',
         'modparam("tm", "failure_reply_mode", 3)',
         'modparam("tm", "auto_inv_100_reason", "Trying")',
         f'modparam("rtpengine", "rtpengine_sock", "udp:{LOOPBACK}:{lay.rtpengine_port}")',

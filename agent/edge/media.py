@@ -6,7 +6,8 @@ unless the peer is in ``sip.local_nets``, else the local address. rtpengine has 
 interface per address a peer may be told:
 
 * ``ext``: bound to the RTP address, advertising ``sip.external_media_address`` (or the
-  external signalling one);
+  external signalling one); bound to a wildcard, one per local address (``ext0``, ``ext1``,
+  ...: rtpengine cannot bind a wildcard), each peer getting the one that routes to it;
 * ``loc``: the RTP address itself (with an external address: for ``local_nets``; without:
   for everyone);
 * bound to a wildcard with no external address: one interface per local address
@@ -19,7 +20,7 @@ import fcntl
 import ipaddress
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.addresses import is_wildcard, route_source
 
@@ -47,11 +48,19 @@ def local_ipv4_addresses() -> list[str]:
 class MediaPlan:
     interfaces: dict[str, str]  # name -> "IP" or "IP!ADVERTISED" (rtpengine --interface)
     external: str | None  # the advertised external media address, if any
-    by_address: dict[str, str]  # local address -> interface name
+    by_address: dict[str, str]  # local address -> interface name (a peer told that address)
+    external_by_address: dict[str, str] = field(default_factory=dict)  # local address -> its "IP!EXT" one
 
-    def interface_for(self, told: str | None) -> str:
-        """The interface of a peer told ``told`` in SDP (None: the relay's default, the first)."""
+    def interface_for(self, told: str | None, peer_ip: str | None = None) -> str:
+        """The interface of a peer told ``told`` in SDP (None: the relay's default, the first).
+        Told the external address on a wildcard bind: the one bound to the local address that
+        routes to ``peer_ip`` (rtpengine cannot bind a wildcard)."""
         if told is not None and told == self.external:
+            if self.external_by_address:
+                local = route_source(peer_ip) if peer_ip else None
+                if local is not None and local in self.external_by_address:
+                    return self.external_by_address[local]
+                return next(iter(self.external_by_address.values()))
             return "ext"
         if told is not None and told in self.by_address:
             return self.by_address[told]
@@ -76,7 +85,13 @@ def media_plan(
     by_address = {a: f"if{i}" for i, a in enumerate(found)}
     interfaces = {name: a for a, name in by_address.items()}
     if external is not None:
-        primary = route_source("192.0.2.1") or found[0]  # TEST-NET: nothing is sent
-        interfaces = {"ext": f"{primary}!{external}", **(interfaces if local_nets else {})}
-        return MediaPlan(interfaces, external, by_address if local_nets else {})
+        # the address that routes to the default gateway first: the default for peers whose
+        # address is not known yet (a host name)
+        primary = route_source("192.0.2.1")  # TEST-NET: nothing is sent
+        ordered = sorted(found, key=lambda a: a != primary)
+        ext_by = {a: f"ext{found.index(a)}" for a in ordered}
+        ext_ifs = {ext_by[a]: f"{a}!{external}" for a in ordered}
+        return MediaPlan(
+            {**ext_ifs, **(interfaces if local_nets else {})}, external, by_address if local_nets else {}, ext_by
+        )
     return MediaPlan(interfaces, None, by_address)

@@ -58,6 +58,11 @@ class EdgeConnection:
     pbx_media: str  # rtpengine's interface towards the PBX
     dest_media: str  # ... towards the destination
     from_user: str  # the REGISTER's From user ("": the AoR's)
+    # For logs only (not sent to Kamailio): each target's label (host name, address, SRV), by URI.
+    target_labels: tuple[tuple[str, str], ...] = ()
+
+    def label_of(self, uri: str) -> str:
+        return dict(self.target_labels).get(uri, uri)
 
     def encode(self) -> str:
         """The htable value routes.cfg's route CONN reads."""
@@ -154,13 +159,15 @@ class CallFinal:
 
 @dataclass(frozen=True)
 class CallFailover:
-    """Leg B went on to the destination's next target (``failed``: host:port; code 0: no answer)."""
+    """Leg B went on to the destination's next target (``failed``: host:port; code 0: no answer;
+    ``next``: the target's URI)."""
 
     connection_id: str
     call_id: str
     failed: str
     code: int
     at: float
+    next: str = ""
 
 
 @dataclass(frozen=True)
@@ -220,7 +227,7 @@ def parse_event(data: bytes) -> EdgeEvent:
     if kind == "final":
         return CallFinal(cid, ci, i("code"), s("by"), at, _time(obj.get("t0")))
     if kind == "failover":
-        return CallFailover(cid, ci, s("by"), i("code"), at)
+        return CallFailover(cid, ci, s("by"), i("code"), at, s("next"))
     if kind == "end":
         return CallEnded(cid, ci, at, _time(obj.get("t0")))
     if kind == "tcp_closed":

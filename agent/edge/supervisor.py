@@ -119,8 +119,12 @@ class Edge:
         self._stopping = False
         self._tasks: set[asyncio.Future[Any]] = set()
         self._keeper: subprocess.Popen[bytes] | None = None
-        self.calls = CallBook(metrics, self._log, on_active)
+        self.calls = CallBook(metrics, self._log, on_active, self._target_label)
         self._clock = SystemClock()
+
+    def _target_label(self, connection_id: str, uri: str) -> str:
+        rec = self._records.get(connection_id)
+        return uri if rec is None else rec.label_of(uri)
 
     # -- other threads -------------------------------------------------------------
 

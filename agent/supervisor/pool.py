@@ -762,6 +762,7 @@ class WorkerPool:
         record = replace(
             record,
             targets=tuple(t.uri for t in hops.destination.targets) if hops.destination else record.targets,
+            target_labels=tuple((t.uri, t.label) for t in hops.destination.targets) if hops.destination else (),
             sources=self._records.sources(conn, hops.pbx_addresses),
         )
         return (

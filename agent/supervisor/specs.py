@@ -90,6 +90,15 @@ def _peer_host(uri: str) -> str:
 class _Sides:
     pbx: Advertised
     dest: Advertised | None
+    pbx_host: str = ""
+    dest_host: str = ""
+
+
+def _ip_or_none(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
 
 
 class EdgeRecords:
@@ -110,11 +119,13 @@ class EdgeRecords:
         ext = conn.external_uac_settings
         assert ext is not None
         sip = self._settings.sip
-        pbx = advertised_for(sip, parse_sip_uri(ext.outbound_proxy or ext.proxy)["host"].strip("[]"))
+        pbx_host = parse_sip_uri(ext.outbound_proxy or ext.proxy)["host"].strip("[]")
+        pbx = advertised_for(sip, pbx_host)
         dest = conn.internal_uac_settings.destination_sip_uri
         if dest is None or conn.internal_uac_settings.forward_mode != "bridge":
-            return _Sides(pbx, None)
-        return _Sides(pbx, advertised_for(sip, parse_sip_uri(dest.split(";", 1)[0])["host"].strip("[]")))
+            return _Sides(pbx, None, pbx_host)
+        dest_host = parse_sip_uri(dest.split(";", 1)[0])["host"].strip("[]")
+        return _Sides(pbx, advertised_for(sip, dest_host), pbx_host, dest_host)
 
     def _pbx_port(self, transport: str) -> tuple[int, str]:
         sip = self._settings.sip
@@ -201,8 +212,8 @@ class EdgeRecords:
             pbx_address=pbx_told,
             pbx_record_route=f"{_host(pbx_told)}:{port}{tp}",
             dest_address=dest_side.signaling or self._default,
-            pbx_media=self.media.interface_for(sides.pbx.media),
-            dest_media=self.media.interface_for(dest_side.media),
+            pbx_media=self.media.interface_for(sides.pbx.media, _ip_or_none(sides.pbx_host)),
+            dest_media=self.media.interface_for(dest_side.media, _ip_or_none(sides.dest_host or sides.pbx_host)),
             from_user=ext.from_user or "",
         )
 
