@@ -93,6 +93,13 @@ def render(lay: EdgeLayout, opts: HaproxyOptions) -> str:
         "",
         "frontend tls_targets",
         f"    bind {LOOPBACK}:{first}-{first + count - 1}",
+        "    # a connection that fails (refused, or the PBX's certificate or name refused) is logged,",
+        "    # with OpenSSL's reason, for the supervisor to answer the request waiting on it",
+        "    option dontlog-normal",
+        "    option log-separate-errors",
+        '    log-format "tls_out port=%[var(sess.lport)] name=%[var(sess.name)] state=%ts '
+        'ssl_err=%[ssl_bc_err] reason=%[ssl_bc_err_str]"',
+        "    tcp-request connection set-var(sess.lport) dst_port",
         f"    tcp-request connection set-var(sess.name) dst_port,map({names_map(lay)})",
         f"    tcp-request connection set-var(sess.port) dst_port,map({ports_map(lay)})",
         f"    tcp-request connection set-dst dst_port,map({addresses_map(lay)})",
@@ -100,6 +107,8 @@ def render(lay: EdgeLayout, opts: HaproxyOptions) -> str:
         "    default_backend tls_out",
         "",
         "backend tls_out",
+        "    # a refused certificate is final: the worker's policy decides when to try again",
+        "    retries 0",
         f"    server pbx 0.0.0.0:0 ssl {verify} sni var(sess.name){source}",
         "",
     ]

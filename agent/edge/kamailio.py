@@ -169,6 +169,9 @@ def render(lay: EdgeLayout, opts: KamailioOptions) -> str:
         # those dialogs are matched by Call-ID and tags.
         'modparam("dialog", "dlg_match_mode", 1)',
         'modparam("tm", "failure_reply_mode", 3)',
+        # a PBX's 503 (and its Retry-After) reaches the worker as sent: the registration policy
+        # acts on it; a destination's 503 becomes 500 in routes.cfg (RFC 3261 16.7)
+        'modparam("tm", "remap_503_500", 0)',
         'modparam("tm", "auto_inv_100_reason", "Trying")',
         f'modparam("rtpengine", "rtpengine_sock", "udp:{LOOPBACK}:{lay.rtpengine_port}")',
         'modparam("rtpengine", "rtpengine_tout_ms", 500)',

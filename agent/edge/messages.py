@@ -14,6 +14,7 @@ checked at the boundary; :func:`_field` refuses the rest).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -186,7 +187,41 @@ class TcpClosed:
     port: int
 
 
-EdgeEvent = CallStarted | CallRejected | CallRedirected | CallFinal | CallFailover | CallEnded | TcpClosed
+@dataclass(frozen=True)
+class TlsPending:
+    """A worker's request went to the TLS target behind loopback port ``port``."""
+
+    port: int
+    call_id: str
+    cseq: str
+
+
+@dataclass(frozen=True)
+class TlsFailure:
+    """HAProxy could not set up TLS to the target behind loopback port ``port`` (its log line)."""
+
+    port: int
+    name: str
+    reason: str
+
+
+EdgeEvent = CallStarted | CallRejected | CallRedirected | CallFinal | CallFailover | CallEnded | TcpClosed | TlsPending
+
+# What HAProxy logs for a connection to a TLS target that ended in error (agent/edge/haproxy.py)
+_TLS_OUT = re.compile(r"tls_out port=(\d+) name=(\S*) state=(\S+) ssl_err=(\S*) reason=(.*)$")
+
+
+def parse_tls_failure(line: str) -> TlsFailure | None:
+    """HAProxy's line about a failed connection to a TLS target, or None for any other line."""
+    m = _TLS_OUT.search(line)
+    if m is None:
+        return None
+    port, name, state, _err, reason = m.groups()
+    reason = reason.strip().strip('"')
+    if reason in ("", "-"):
+        known = {"SC": "connection refused", "sC": "connection timed out"}
+        reason = known.get(state[:2], f"connection ended ({state})")
+    return TlsFailure(int(port), "" if name == "-" else name, reason)
 
 
 def _time(v: object) -> float:
@@ -230,6 +265,8 @@ def parse_event(data: bytes) -> EdgeEvent:
         return CallFailover(cid, ci, s("by"), i("code"), at, s("next"))
     if kind == "end":
         return CallEnded(cid, ci, at, _time(obj.get("t0")))
+    if kind == "tls_pending":
+        return TlsPending(i("port"), ci, s("cseq"))
     if kind == "tcp_closed":
         return TcpClosed(s("ip"), i("port"))
     raise EdgeEventError(f"unknown event {kind!r}")

@@ -44,7 +44,15 @@ from agent.edge.calls import CallBook
 from agent.edge.control import ControlError, EventStream, HaproxyApi, KamailioRpc, rtpengine_ping
 from agent.edge.layout import LOOPBACK, EdgeLayout
 from agent.edge.lifecycle import EngineLifecycle, EngineState, Move
-from agent.edge.messages import EdgeConnection, EdgeEventError, TcpClosed, TlsTarget
+from agent.edge.messages import (
+    EdgeConnection,
+    EdgeEventError,
+    TcpClosed,
+    TlsFailure,
+    TlsPending,
+    TlsTarget,
+    parse_tls_failure,
+)
 from agent.metrics import Metrics
 
 __all__ = ["Edge", "EdgeError", "EdgePlan"]
@@ -59,6 +67,11 @@ KEEPER_GRACE_SEC = 3.0
 LOG_LINES_PER_SEC = 50.0
 _CHILD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 _KAMAILIO_LEVEL = re.compile(r"^\s*-?\d+\((\d+)\) (\w+):")
+
+
+# A worker's request waits on a TLS target at most this long (its transaction's timer).
+TLS_PENDING_SEC = 40.0
+MAX_TLS_PENDING = 10_000
 
 
 class EdgeError(Exception):
@@ -120,6 +133,9 @@ class Edge:
         self._tasks: set[asyncio.Future[Any]] = set()
         self._keeper: subprocess.Popen[bytes] | None = None
         self.calls = CallBook(metrics, self._log, on_active, self._target_label)
+        # workers' requests waiting on a TLS target, by its loopback port: (Call-ID, CSeq) -> when
+        self._tls_pending: dict[int, dict[tuple[str, str], float]] = {}
+        self._tls_waiters: dict[str, list[concurrent.futures.Future[None]]] = {}  # put_tls's, by key
         self._clock = SystemClock()
 
     def _target_label(self, connection_id: str, uri: str) -> str:
@@ -176,8 +192,15 @@ class Edge:
     def remove(self, line: str) -> None:
         self._soon(self._remove, line)
 
-    def put_tls(self, target: TlsTarget) -> None:
-        self._soon(self._put_tls, target)
+    def put_tls(self, target: TlsTarget) -> concurrent.futures.Future[None]:
+        """Done once Kamailio and HAProxy route to ``target`` (or could not be told): a worker's
+        first REGISTER to it must not leave before."""
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if self._loop.is_closed():
+            done.set_result(None)
+        else:
+            self._loop.call_soon_threadsafe(self._put_tls, target, done)
+        return done
 
     def health(self) -> str | None:
         """None while every engine runs; else which do not."""
@@ -412,6 +435,10 @@ class Edge:
                 e.dropped = 0
             level = _level(e.name, line)
             getattr(self._log, level)("edge_log", process=e.name, line=line[:2000])
+            if e.name == "haproxy":
+                failure = parse_tls_failure(line)
+                if failure is not None:
+                    self._track(self._loop.create_task(self._answer_tls_failure(failure)))
 
     # -- engines' readiness and set-up ---------------------------------------------
 
@@ -444,12 +471,23 @@ class Edge:
         if self._records.pop(line, None) is not None and self._changes is not None:
             self._changes.put_nowait(("remove", line))
 
-    def _put_tls(self, target: TlsTarget) -> None:
-        if self._tls.get(target.key) == target:
+    def _put_tls(self, target: TlsTarget, done: concurrent.futures.Future[None] | None = None) -> None:
+        if self._tls.get(target.key) == target and target.key not in self._tls_waiters:
+            if done is not None:
+                done.set_result(None)
             return
         self._tls[target.key] = target
+        if done is not None:
+            self._tls_waiters.setdefault(target.key, []).append(done)
         if self._changes is not None:
             self._changes.put_nowait(("tls", target))
+        else:  # not running yet: Kamailio gets every target before it takes requests
+            self._tls_told(target.key)
+
+    def _tls_told(self, key: str) -> None:
+        for done in self._tls_waiters.pop(key, []):
+            if not done.done():
+                done.set_result(None)
 
     async def _send_tls(self, t: TlsTarget) -> None:
         await self._rpc.call("htable.sets", "tlsport", t.key, str(t.local_port))
@@ -506,9 +544,9 @@ class Edge:
                     except ControlError as e:
                         self._log.warning("edge_change_failed", change="tls_map", error=str(e))
             k = self._engines.get("kamailio")
-            if k is None or k.life.state is not EngineState.UP:
-                continue
             try:
+                if k is None or k.life.state is not EngineState.UP:
+                    continue
                 if kind == "put" and isinstance(item, EdgeConnection):
                     await self._rpc.call("htable.sets", "conn", item.line, item.encode())
                 elif kind == "remove" and isinstance(item, str):
@@ -517,6 +555,9 @@ class Edge:
                     await self._send_tls(item)
             except ControlError as e:
                 self._log.warning("edge_change_failed", change=kind, error=str(e))
+            finally:
+                if kind == "tls" and isinstance(item, TlsTarget):
+                    self._tls_told(item.key)
 
     async def _read_events(self) -> None:
         k = self._engines["kamailio"]
@@ -534,6 +575,8 @@ class Edge:
                 async for ev in EventStream(reader):
                     if isinstance(ev, EdgeEventError):
                         self._log.warning("edge_event_bad", error=str(ev))
+                    elif isinstance(ev, TlsPending):
+                        self._note_tls_pending(ev)
                     elif isinstance(ev, TcpClosed):
                         if self._on_flow_closed is not None:
                             self._on_flow_closed(ev.address, ev.port)
@@ -548,6 +591,35 @@ class Edge:
             finally:
                 writer.close()
             await asyncio.sleep(0.1)
+
+    # -- TLS targets HAProxy could not reach -------------------------------------------
+
+    def _note_tls_pending(self, ev: TlsPending) -> None:
+        now = time.monotonic()
+        waiting = self._tls_pending.setdefault(ev.port, {})
+        for key, at in list(waiting.items()):  # a request is answered within 34 s (its timer)
+            if now - at > TLS_PENDING_SEC:
+                del waiting[key]
+        if len(waiting) < MAX_TLS_PENDING:
+            waiting[(ev.call_id, ev.cseq)] = now
+
+    async def _answer_tls_failure(self, failure: TlsFailure) -> None:
+        """HAProxy refused the target behind ``failure.port`` (or could not reach it): the
+        requests waiting on it get 503 at once, marked as the edge's, with HAProxy's reason
+        (the worker reports "TLS failure: ..."), instead of the PBX's silence for 34 s."""
+        waiting = self._tls_pending.pop(failure.port, {})
+        target = next((t for t in self._tls.values() if t.local_port == failure.port), None)
+        name = failure.name or (target.name if target is not None else "")
+        where = f"{name} ({target.key})" if target is not None else name
+        why = f"TLS to {where} failed: {failure.reason}"
+        self._log.warning("edge_tls_failed", port=failure.port, target=where, reason=failure.reason)
+        for call_id, cseq in waiting:
+            try:
+                await self._rpc.call(
+                    "tm.reply_callid", 503, "TLS failure", call_id, cseq, "", f"X-UAC-Edge: {why}\r\n", ""
+                )
+            except ControlError as err:  # answered meanwhile (or gone): nothing to do
+                self._log.debug("edge_tls_reply_skipped", call_id=call_id, error=str(err))
 
 
 def _level(engine: str, line: str) -> str:

@@ -87,6 +87,8 @@ START_TIMEOUT_SEC = 30.0
 HEALTH_TIMEOUT_SEC = 2.0
 # ... and an answer serves for this long (several probes in a second ask the loop once).
 HEALTH_CACHE_SEC = 1.0
+# How long a change waits for the edge to route a new TLS target before its worker gets it.
+EDGE_TLS_WAIT_SEC = 2.0
 # A heartbeat round is sent in at most this many groups spread over its period.
 PING_GROUPS = 20
 # At start-up, how long a port held by a previous supervisor's workers is waited for.
@@ -98,7 +100,7 @@ class EdgeSink(Protocol):
 
     def put(self, rec: EdgeConnection) -> None: ...
     def remove(self, line: str) -> None: ...
-    def put_tls(self, target: TlsTarget) -> None: ...
+    def put_tls(self, target: TlsTarget) -> concurrent.futures.Future[None]: ...
 
 
 @dataclass
@@ -676,7 +678,7 @@ class WorkerPool:
             p = self._conns.get(cid)
             if p is not None and p.conn == conn:
                 p.spec, p.dns_expires = spec, expires
-                self._to_edge(conn)
+                await self._to_edge(conn)
             if w.proc is not proc:
                 raise asyncio.CancelledError  # replaced meanwhile: the replacement is sent its own
             fut = self._request(w, lambda r: m.Apply(r, spec), cid)
@@ -710,8 +712,9 @@ class WorkerPool:
             )
         return spec, expires
 
-    def _to_edge(self, conn: Connection) -> None:
-        """Hand the edge the record built last for ``conn`` (by _spec), before its worker gets it."""
+    async def _to_edge(self, conn: Connection) -> None:
+        """Hand the edge the record built last for ``conn`` (by _spec), before its worker gets it;
+        its TLS targets are routed by the edge before this returns (at most EDGE_TLS_WAIT_SEC)."""
         built = self._built.pop(conn.connection_id, None)
         if built is None:
             return
@@ -720,9 +723,10 @@ class WorkerPool:
         if p is not None:
             p.record = record
         if self._edge is not None:
-            for target in self._tls_ports(conn, tls):
-                self._edge.put_tls(target)
+            told = [self._edge.put_tls(target) for target in self._tls_ports(conn, tls)]
             self._edge.put(record)
+            if told:
+                await asyncio.wait([asyncio.wrap_future(f) for f in told], timeout=EDGE_TLS_WAIT_SEC)
 
     def _edge_undo(self, cid: str) -> None:
         """The edge goes back to the connection's committed record (or forgets it)."""
@@ -825,7 +829,7 @@ class WorkerPool:
                 error=spec.hop.error if spec.hop else None,
             )
             p.spec = spec
-            self._to_edge(conn)
+            await self._to_edge(conn)
             done = await self._request(w, lambda r: m.Apply(r, spec), cid)
             if done.error_kind is not None:
                 self._log.warning("dns_change_not_applied", connection_id=cid, error=done.error)
@@ -993,7 +997,7 @@ class WorkerPool:
                 placed = self._conns.get(cid)
                 if placed is not None:
                     placed.spec, placed.dns_expires = spec, expires
-                self._to_edge(conn)
+                await self._to_edge(conn)
                 done = await self._request(w, lambda r: m.Apply(r, spec), cid)
                 result = self._check(done)
             except BaseException:
@@ -1030,7 +1034,7 @@ class WorkerPool:
             return "replaced"
         spec, expires = await self._spec(conn, at_once=True)
         committed = p.record
-        self._to_edge(conn)
+        await self._to_edge(conn)
         new_record, p.record = p.record, committed  # the new one counts once the worker confirms
         try:
             done = await self._request(w, lambda r: m.Apply(r, spec), cid)

@@ -9,7 +9,6 @@ UDP endpoints named in each SIPp's SDP (lab/rtp.py), which count what arrives.
 from __future__ import annotations
 
 import itertools
-import random
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -165,7 +164,7 @@ def call_lab(pbx_proxy: Kamailio, tmp_path: Path) -> Iterator[Callable[..., Call
         )
         destination = f"1006@127.0.0.1:{dest_port}{dest_params}"
         conn["internal_uac_settings"] = {"destination_uri": destination, **(internal or {})}
-        sip_section = {"rtp_port": random.randrange(20000, 30000, 2), "rtp_port_range": 200, **(sip or {})}
+        sip_section = {**(sip or {})}
         agent = AgentProcess(tmp_path / f"agent{len(agents)}", [conn], sip=sip_section, log={"level": "debug"})
         agents.append(agent)
         agent.start()
