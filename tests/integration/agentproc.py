@@ -189,6 +189,28 @@ class AgentProcess:
                     continue
         return out
 
+    def descendants(self) -> dict[int, str]:
+        """Every process under the supervisor now (workers, the zygote, the edge's engines and
+        their children, the keeper): pid -> process name."""
+        if self.proc is None:
+            return {}
+        out: dict[int, str] = {}
+        todo = [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    kids = [int(p) for p in (task / "children").read_text().split()]
+                except OSError:
+                    continue
+                for kid in kids:
+                    try:
+                        out[kid] = Path(f"/proc/{kid}/comm").read_text().strip()
+                    except OSError:
+                        continue
+                    todo.append(kid)
+        return out
+
     def worker_pids(self) -> list[int]:
         """The worker processes now (``uac-worker-K``)."""
         return sorted(p for p, name in self.children().items() if name.startswith("uac-worker"))
