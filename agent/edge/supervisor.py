@@ -69,6 +69,9 @@ _CHILD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 _KAMAILIO_LEVEL = re.compile(r"^\s*-?\d+\((\d+)\) (\w+):")
 
 
+# How often a running engine's main process is checked for its exit.
+EXIT_POLL_SEC = 0.1
+
 # A worker's request waits on a TLS target at most this long (its transaction's timer).
 TLS_PENDING_SEC = 40.0
 MAX_TLS_PENDING = 10_000
@@ -342,7 +345,7 @@ class Edge:
             self._keep("pgid", proc.pid)
             relay = self._loop.create_task(self._relay(e, proc))
             await self._until_ready(e, proc)
-            code = await proc.wait()
+            code = await _exited(proc)
             await asyncio.wait({relay}, timeout=1.0)
             self._signal(e, signal.SIGKILL)  # what is left of its group (Kamailio's children)
             self._reap_group(proc.pid)
@@ -620,6 +623,15 @@ class Edge:
                 )
             except ControlError as err:  # answered meanwhile (or gone): nothing to do
                 self._log.debug("edge_tls_reply_skipped", call_id=call_id, error=str(err))
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> int:
+    """The engine's exit status, as soon as its main process is gone. (``proc.wait()`` also
+    waits for its output pipe to close, which Kamailio's children, still alive after a kill -9
+    of their parent, hold open.)"""
+    while proc.returncode is None:
+        await asyncio.sleep(EXIT_POLL_SEC)
+    return proc.returncode
 
 
 def _level(engine: str, line: str) -> str:
