@@ -508,6 +508,38 @@ class HttpSettings(_Strict):
         return host.strip("[]"), int(port)
 
 
+class CaptureSettings(_Strict):
+    """Copies of the calls' SIP messages for a Homer collector (docs/edge.md#capture)."""
+
+    # "IP:PORT" of a HEP3 collector (UDP); None: off. Every SIP message of both legs of
+    # every admitted call (TLS legs in clear), and rtpengine's RTCP statistics.
+    hep_address: str | None = None
+    # The HEP capture id this agent's packets carry (tells agents apart at the collector).
+    hep_id: Annotated[int, Field(ge=1, le=2**31 - 1)] = 2001
+
+    @field_validator("hep_address")
+    @classmethod
+    def _hep_address(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        host, sep, port = v.strip().rpartition(":")
+        host = host.strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{v!r} must be IP:PORT, e.g. 192.0.2.20:9060") from None
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{v!r} must be IP:PORT with a port 1-65535, e.g. 192.0.2.20:9060")
+        return f"{host}:{int(port)}" if ":" not in host else f"[{host}]:{int(port)}"
+
+    @property
+    def hep(self) -> tuple[str, int] | None:
+        if self.hep_address is None:
+            return None
+        host, _, port = self.hep_address.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 class StoreSettings(_Strict):
     """Where connections created or changed through the API are kept (SQLite)."""
 
@@ -635,6 +667,7 @@ class AgentSettings(_FileAndEnvironment):
     store: StoreSettings = Field(default_factory=StoreSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     edge: EdgeSettings = Field(default_factory=EdgeSettings)
+    capture: CaptureSettings = Field(default_factory=CaptureSettings)
     _config_path: Path | None = PrivateAttr(default=None)
 
     # -- ports (docs/edge.md) ----------------------------------------------------

@@ -75,6 +75,8 @@ class KamailioOptions:
     processes: int
     log_level: int  # Kamailio's debug= (0 warnings .. 3 debug)
     topoh_key: str  # stable for the supervisor's life, so calls survive a Kamailio restart
+    hep: tuple[str, int] | None = None  # a HEP3 collector every call's messages are copied to
+    hep_id: int = 2001
 
     @staticmethod
     def new_key() -> str:
@@ -83,6 +85,19 @@ class KamailioOptions:
 
 def _host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
+
+
+def _hep_lines(hep: tuple[str, int], hep_id: int) -> list[str]:
+    """siptrace copies each admitted call's messages (routes.cfg: sip_trace_mode("d")) as HEP3."""
+    return [
+        'loadmodule "siptrace.so"',
+        f'modparam("siptrace", "duplicate_uri", "sip:{_host(hep[0])}:{hep[1]}")',
+        'modparam("siptrace", "hep_mode_on", 1)',
+        'modparam("siptrace", "hep_version", 3)',
+        f'modparam("siptrace", "hep_capture_id", {hep_id})',
+        'modparam("siptrace", "trace_to_database", 0)',
+        'modparam("siptrace", "trace_on", 1)',
+    ]
 
 
 def render(lay: EdgeLayout, opts: KamailioOptions) -> str:
@@ -111,6 +126,7 @@ def render(lay: EdgeLayout, opts: KamailioOptions) -> str:
         f'#!substdef "!OVER_CODE!{opts.over_limit_code}!g"',
         f'#!substdef "!RETRY_AFTER!{opts.retry_after_sec}!g"',
         *(["#!define OVER_503"] if opts.over_limit_code == 503 else []),
+        *(["#!define HEP"] if opts.hep is not None else []),
         "",
         "####### Global parameters ########",
         f"debug={opts.log_level}",
@@ -151,6 +167,7 @@ def render(lay: EdgeLayout, opts: KamailioOptions) -> str:
         "####### Modules ########",
         f'mpath="{module_dir()}/"',
         *(f'loadmodule "{m}.so"' for m in MODULES),
+        *(_hep_lines(opts.hep, opts.hep_id) if opts.hep is not None else []),
         "",
         'modparam("jsonrpcs", "transport", 4)',
         f'modparam("jsonrpcs", "dgram_socket", "{lay.kamailio_rpc}")',

@@ -18,10 +18,20 @@ __all__ = ["argv"]
 
 
 def argv(
-    lay: EdgeLayout, interfaces: Mapping[str, str], max_sessions: int, max_cpu_percent: float, log_level: int
+    lay: EdgeLayout,
+    interfaces: Mapping[str, str],
+    max_sessions: int,
+    max_cpu_percent: float,
+    log_level: int,
+    hep: tuple[str, int] | None = None,
+    hep_id: int = 2001,
 ) -> list[str]:
-    """``interfaces``: name -> ``IP`` or ``IP!ADVERTISED``."""
+    """``interfaces``: name -> ``IP`` or ``IP!ADVERTISED``; ``hep``: a collector for RTCP stats."""
     first, last = lay.rtp_ports
+    homer = []
+    if hep is not None:
+        host = f"[{hep[0]}]" if ":" in hep[0] else hep[0]
+        homer = [f"--homer={host}:{hep[1]}", "--homer-protocol=udp", f"--homer-id={hep_id}"]
     return [
         "rtpengine",
         "--config-file=none",
@@ -40,4 +50,5 @@ def argv(
         "--silent-timeout=3600",
         "--delete-delay=0",
         "--num-threads=2",
+        *homer,
     ]

@@ -93,6 +93,8 @@ class EdgePlan:
     max_sessions: int
     media_max_cpu_percent: float
     rtpengine_log_level: int
+    hep: tuple[str, int] | None = None
+    hep_id: int = 2001
 
 
 @dataclass
@@ -247,7 +249,13 @@ class Edge:
                 "rtpengine",
                 EngineLifecycle("rtpengine", self._clock),
                 rtpengine.argv(
-                    lay, plan.media_interfaces, plan.max_sessions, plan.media_max_cpu_percent, plan.rtpengine_log_level
+                    lay,
+                    plan.media_interfaces,
+                    plan.max_sessions,
+                    plan.media_max_cpu_percent,
+                    plan.rtpengine_log_level,
+                    plan.hep,
+                    plan.hep_id,
                 ),
                 lambda: rtpengine_ping(LOOPBACK, lay.rtpengine_port, timeout=0.5),
             ),

@@ -59,6 +59,8 @@ def plan_edge(settings: AgentSettings, topoh_key: str | None = None) -> tuple[Ed
         processes=settings.edge.sip_processes,
         log_level=_KAMAILIO_LEVELS[settings.log.level],
         topoh_key=topoh_key or KamailioOptions.new_key(),
+        hep=settings.capture.hep,
+        hep_id=settings.capture.hep_id,
     )
     ca = sip.tls_ca_file if sip.tls_verify_server else None
     plan = EdgePlan(
@@ -70,5 +72,7 @@ def plan_edge(settings: AgentSettings, topoh_key: str | None = None) -> tuple[Ed
         max_sessions=sip.max_calls,
         media_max_cpu_percent=settings.edge.media_max_cpu_percent,
         rtpengine_log_level=_RTPENGINE_LEVELS[settings.log.level],
+        hep=settings.capture.hep,
+        hep_id=settings.capture.hep_id,
     )
     return plan, records

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.hep import HepCollector
 from lab.kamailio import Kamailio, free_port
 from lab.rtp import RtpEndpoint
 from lab.sipp import Sipp, scenario_path
@@ -358,4 +359,63 @@ def test_an_edge_process_killed_is_back_the_binding_stays_and_a_new_call_is_answ
     assert pbx.wait(30) == 0, pbx.output()[-2000:]
     assert [m.status_code for m in pbx.received_responses(200) if m.cseq_method == "INVITE"] == [200]
     dest.stop()
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 1, 10, "the call counted")
+
+
+def test_hep_capture_gets_both_legs_of_a_call(call_lab: Callable[..., CallLab]) -> None:
+    """``capture.hep_address``: the collector gets the call's INVITE and 200 on both legs (PBX to
+    edge, edge to destination) as HEP3 with the agent's capture id."""
+    collector = HepCollector().start()
+    try:
+        lab = call_lab(capture={"hep_address": collector.address, "hep_id": 4242})
+        dest = lab.dest("dest_answer.xml")
+        pbx = lab.pbx("pbx_call.xml", timeout=20)
+        assert pbx.wait(30) == 0, pbx.output()[-2000:]
+        dest.stop()
+        call_id = pbx.sent_requests("INVITE")[0].call_id
+        wait_until(
+            lambda: len([p for p in collector.sip() if p.first_line.startswith("INVITE ")]) >= 2, 5, "both INVITEs"
+        )
+        ours = [p for p in collector.sip() if f"Call-ID: {call_id}" in p.text]
+        lines = [p.first_line for p in ours]
+        invites = [ln for ln in lines if ln.startswith("INVITE ")]
+        assert any(";line=c-fwd" in ln or f"sip:{lab.user}@" in ln for ln in invites), invites  # leg A
+        assert any(ln.startswith("INVITE sip:1006@") for ln in invites), invites  # leg B
+        assert len([ln for ln in lines if ln.startswith("SIP/2.0 200")]) >= 2, lines  # the answer on both legs
+        assert any(ln.startswith("BYE ") for ln in lines), lines
+        assert {p.capture_id for p in ours} == {4242}
+        assert collector.errors == 0
+    finally:
+        collector.stop()
+
+
+def test_hold_and_resume_from_either_side_and_refer_from_the_destination(call_lab: Callable[..., CallLab]) -> None:
+    """In the dialog, both ways through the edge: the PBX holds (a=sendonly) and resumes, then
+    the destination does; the media relay passes each direction on; the destination's REFER
+    (an assistant handing the caller back to extension 2000) reaches the PBX, and its 202 returns."""
+    lab = call_lab()
+    dest = lab.dest("dest_answer_hold_refer.xml", variables={"refer_to": "2000@pbx.example.com"})
+    pbx = lab.pbx("pbx_call_hold.xml", timeout=30)
+    assert pbx.wait(40) == 0, pbx.output()[-3000:]
+    assert dest.wait(10) == 0, dest.output()[-3000:]
+
+    def direction(body: str) -> str:
+        m = re.search(r"^a=(sendrecv|sendonly|recvonly|inactive)\s*$", body, re.M)
+        assert m is not None, body
+        return m.group(1)
+
+    at_dest = [direction(m.body) for m in dest.received_requests("INVITE")]
+    assert at_dest == ["sendrecv", "sendonly", "sendrecv"], at_dest  # the call, the PBX's hold, resume
+    at_pbx = [direction(m.body) for m in pbx.received_requests("INVITE")]
+    assert at_pbx == ["sendonly", "sendrecv"], at_pbx  # the destination's hold and resume
+    answers_at_pbx = [direction(r.body) for r in pbx.received_responses(200) if r.cseq_method == "INVITE"]
+    assert answers_at_pbx == ["sendrecv", "recvonly", "sendrecv"], answers_at_pbx
+    answers_at_dest = [direction(r.body) for r in dest.received_responses(200) if r.cseq_method == "INVITE"]
+    assert answers_at_dest == ["recvonly", "sendrecv"], answers_at_dest
+    # every offer and answer names the relay, never the other side's own address and port
+    for m in (*dest.received_requests("INVITE"), *pbx.received_requests("INVITE")):
+        assert f"m=audio {media_of(m.body)[1]}" in m.body
+    refers = pbx.received_requests("REFER")
+    assert len(refers) == 1 and "sip:2000@pbx.example.com" in (refers[0].header("Refer-To") or ""), refers
+    assert [r.status_code for r in dest.received_responses(202)] == [202]
     wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 1, 10, "the call counted")

@@ -96,6 +96,7 @@ class CallLab:
             variables["rtp_port"] = kw.pop("rtp_port")
         elif scenario.startswith("dest_answer"):
             variables["rtp_port"] = str(free_port())
+        variables.update(kw.pop("variables", {}))
         s = Sipp(
             scenario_path(scenario),
             port or self.dest_port,
@@ -157,6 +158,7 @@ def call_lab(pbx_proxy: Kamailio, tmp_path: Path) -> Iterator[Callable[..., Call
         dest_params: str = "",
         dest_port: int | None = None,
         transport: str = "UDP",
+        **sections: Any,
     ) -> CallLab:
         dest_port = dest_port or free_port()
         conn = connection(
@@ -165,7 +167,9 @@ def call_lab(pbx_proxy: Kamailio, tmp_path: Path) -> Iterator[Callable[..., Call
         destination = f"1006@127.0.0.1:{dest_port}{dest_params}"
         conn["internal_uac_settings"] = {"destination_uri": destination, **(internal or {})}
         sip_section = {**(sip or {})}
-        agent = AgentProcess(tmp_path / f"agent{len(agents)}", [conn], sip=sip_section, log={"level": "debug"})
+        agent = AgentProcess(
+            tmp_path / f"agent{len(agents)}", [conn], sip=sip_section, log={"level": "debug"}, **sections
+        )
         agents.append(agent)
         agent.start()
         agent.wait_for(lambda: kamailio.lookup(user) is not None, 10, f"{user} bound in Kamailio")
