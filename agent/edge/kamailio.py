@@ -88,7 +88,7 @@ def _host(address: str) -> str:
 
 
 def _hep_lines(hep: tuple[str, int], hep_id: int) -> list[str]:
-    """siptrace copies each admitted call's messages (routes.cfg: sip_trace_mode("d")) as HEP3."""
+    """siptrace copies each admitted call's messages (routes.cfg: sip_trace_mode("t")) as HEP3."""
     return [
         'loadmodule "siptrace.so"',
         f'modparam("siptrace", "duplicate_uri", "sip:{_host(hep[0])}:{hep[1]}")',
