@@ -608,9 +608,11 @@ class Edge:
     def _note_tls_pending(self, ev: TlsPending) -> None:
         now = time.monotonic()
         waiting = self._tls_pending.setdefault(ev.port, {})
-        for key, at in list(waiting.items()):  # a request is answered within 34 s (its timer)
-            if now - at > TLS_PENDING_SEC:
-                del waiting[key]
+        while waiting:  # oldest first (arrival order); a request is answered within 34 s (its timer)
+            key, at = next(iter(waiting.items()))
+            if now - at <= TLS_PENDING_SEC:
+                break
+            del waiting[key]
         if len(waiting) < MAX_TLS_PENDING:
             waiting[(ev.call_id, ev.cseq)] = now
 

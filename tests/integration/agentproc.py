@@ -173,42 +173,20 @@ class AgentProcess:
         return self.proc.wait(timeout)
 
     def children(self) -> dict[int, str]:
-        """The supervisor's child processes now (its workers and their zygote): pid -> process name."""
-        if self.proc is None:
-            return {}
-        out: dict[int, str] = {}
-        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
-            try:
-                pids = [int(p) for p in (task / "children").read_text().split()]  # whichever thread adopted it
-            except OSError:
-                continue
-            for pid in pids:
-                try:
-                    out[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
-                except OSError:
-                    continue
-        return out
+        """The supervisor's child processes now (its workers, their zygote, the edge's engines and
+        its keeper): pid -> process name."""
+        return {} if self.proc is None else _children_of(self.proc.pid)
 
     def descendants(self) -> dict[int, str]:
-        """Every process under the supervisor now (workers, the zygote, the edge's engines and
-        their children, the keeper): pid -> process name."""
+        """Every process under the supervisor now (the children and theirs, e.g. Kamailio's)."""
         if self.proc is None:
             return {}
         out: dict[int, str] = {}
         todo = [self.proc.pid]
         while todo:
-            pid = todo.pop()
-            for task in Path(f"/proc/{pid}/task").glob("*"):
-                try:
-                    kids = [int(p) for p in (task / "children").read_text().split()]
-                except OSError:
-                    continue
-                for kid in kids:
-                    try:
-                        out[kid] = Path(f"/proc/{kid}/comm").read_text().strip()
-                    except OSError:
-                        continue
-                    todo.append(kid)
+            kids = _children_of(todo.pop())
+            out.update(kids)
+            todo += kids
         return out
 
     def worker_pids(self) -> list[int]:
@@ -233,3 +211,19 @@ class AgentProcess:
             for base, count in self._blocks:
                 release_port_block(base, count)
             self._blocks = []
+
+
+def _children_of(pid: int) -> dict[int, str]:
+    """``pid``'s child processes now (whichever of its threads adopted each): pid -> name."""
+    out: dict[int, str] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                out[kid] = Path(f"/proc/{kid}/comm").read_text().strip()
+            except OSError:
+                continue
+    return out

@@ -19,7 +19,7 @@ import pytest
 from lab.hep import HepCollector
 from lab.kamailio import Kamailio, free_port
 from lab.rtp import RtpEndpoint
-from lab.sipp import Sipp, scenario_path
+from lab.sipp import Sipp, scenario_path, socket_inodes
 from tests.integration import test_forwarding as fw
 from tests.integration.agentproc import AgentProcess
 from tests.integration.conftest import connection, start_kamailio
@@ -195,18 +195,7 @@ def test_a_subscribe_to_the_contact_is_refused(call_lab: Callable[..., CallLab])
 
 def _listening(pids: list[int]) -> set[tuple[str, str, int]]:
     """(proto, address, port) of every UDP socket and listening TCP socket these processes hold."""
-    inodes: set[str] = set()
-    for pid in pids:
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                try:
-                    target = os.readlink(fd)
-                except OSError:
-                    continue
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:
-            continue
+    inodes = set().union(*(socket_inodes(pid) for pid in pids))
     out: set[tuple[str, str, int]] = set()
     for proto in ("udp", "tcp", "udp6", "tcp6"):
         for line in Path(f"/proc/net/{proto}").read_text().splitlines()[1:]:
@@ -222,19 +211,6 @@ def _listening(pids: list[int]) -> set[tuple[str, str, int]]:
     return out
 
 
-def _tree(root: int) -> list[int]:
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                todo += [int(p) for p in (task / "children").read_text().split()]
-            except OSError:
-                continue
-    return out
-
-
 def test_only_the_edge_listens_on_sip_bind(call_lab: Callable[..., CallLab]) -> None:
     """``sip.bind`` 127.0.0.7: there, only UDP and TCP on sip.port (and the media relay's ports
     while a call is up); the workers and the edge's own plumbing are on 127.0.0.1 only."""
@@ -244,7 +220,7 @@ def test_only_the_edge_listens_on_sip_bind(call_lab: Callable[..., CallLab]) -> 
     # address routes where) binds the wildcard and an ephemeral port, then closes
     samples = []
     for _ in range(3):
-        samples.append(_listening(_tree(lab.agent.proc.pid)))
+        samples.append(_listening([lab.agent.proc.pid, *lab.agent.descendants()]))
         time.sleep(0.5)
     socks = samples[0] & samples[1] & samples[2]
     assert ("tcp", "127.0.0.1", lab.agent.http_port) in socks
