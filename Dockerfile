@@ -4,14 +4,14 @@
 #   docker build -t uac-agent .
 #   docker run --rm -v "$PWD/config.yaml:/etc/uac-agent/config.yaml:ro" --network host uac-agent
 #
-# The agent is a supervisor and worker processes (docs/workers.md); worker k
-# listens on sip.port + k (UDP, TCP) and sip.tls_port + k (TLS), and bridged
-# calls use the RTP range. With the defaults (143 workers at most) that is
-# 5070-5212 UDP/TCP, 5213-5355 TLS and 40000-49999 UDP: host networking is the
-# simple way; otherwise publish the ranges your config uses, e.g. for
-# workers.max_workers: 4 and sip.rtp_port_range: 200:
-#   -p 5070-5073:5070-5073/udp -p 5070-5073:5070-5073/tcp -p 5074-5077:5074-5077/tcp \
-#   -p 40000-40199:40000-40199/udp -p 8080:8080
+# The agent is a supervisor, its registration workers and its SIP edge
+# (docs/edge.md): Kamailio, rtpengine and HAProxy, started and supervised by the
+# agent. Only the edge listens on sip.bind: UDP and TCP on sip.port (5070), TLS
+# on sip.tls_port (5071, open only with sip.tls_cert_file), and the media relay
+# on sip.rtp_port .. + sip.rtp_port_range - 1 (40000-49999 UDP). Workers use
+# loopback ports no one has to publish. Host networking is simplest; otherwise:
+#   -p 5070:5070/udp -p 5070:5070/tcp -p 5071:5071/tcp \
+#   -p 40000-40199:40000-40199/udp -p 8080:8080      (with sip.rtp_port_range: 200)
 #
 # The config must set sip.bind: 0.0.0.0 and http.listen: 0.0.0.0:8080 (or
 # -e UAC_AGENT_SIP__BIND=0.0.0.0 -e UAC_AGENT_HTTP__LISTEN=0.0.0.0:8080; the image
@@ -31,7 +31,7 @@
 # `docker stop` waits 10 s by default: keep shutdown_timeout_sec well below the
 # stop timeout so every binding is unregistered before SIGKILL.
 
-FROM python:3.12-slim
+FROM python:3.11-slim-bookworm
 
 ARG VERSION=0.1.0
 
@@ -45,8 +45,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 
-# The pjsua2 wheel bundles its own OpenSSL; the CA bundle for sip.tls_ca_file
-# is the base image's /etc/ssl/certs/ca-certificates.crt.
+# The edge's engines from Debian (the base image is Debian 12): Kamailio with
+# its extra modules (evapi), rtpengine in userspace (no kernel module, no root)
+# and HAProxy, which does all TLS with the system's OpenSSL 3. The CA bundle for
+# sip.tls_ca_file is /etc/ssl/certs/ca-certificates.crt.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+       kamailio kamailio-extra-modules rtpengine-daemon haproxy ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md /tmp/src/
 COPY agent /tmp/src/agent
 RUN pip install --no-cache-dir /tmp/src \
@@ -58,13 +64,14 @@ RUN groupadd --system --gid 10001 uac \
     && mkdir -p /etc/uac-agent \
     && install -d -m 0700 -o uac -g uac /var/lib/uac-agent
 
-# With the default settings: workers' SIP UDP+TCP (sip.port + k), their TLS
-# (sip.tls_port + k), the RTP range of bridged calls, and HTTP (http.listen).
-EXPOSE 5070-5212/udp 5070-5212/tcp 5213-5355/tcp 40000-49999/udp 8080/tcp
+# With the default settings: the edge's SIP UDP+TCP (sip.port), TLS
+# (sip.tls_port), the media relay's range, and HTTP (http.listen).
+EXPOSE 5070/udp 5070/tcp 5071/tcp 40000-49999/udp 8080/tcp
 
 # Connections created through the API: SQLite in $STATE_DIRECTORY (mount a
 # volume to keep them across containers). `docker kill -s HUP` reloads the config.
-ENV STATE_DIRECTORY=/var/lib/uac-agent
+ENV STATE_DIRECTORY=/var/lib/uac-agent \
+    RUNTIME_DIRECTORY=/tmp/uac-agent
 VOLUME ["/var/lib/uac-agent"]
 
 USER 10001:10001

@@ -137,8 +137,9 @@ def _check_config(settings: AgentSettings) -> int:
     print(
         f"config OK: {len(settings.connections)} connection(s), {active} registering "
         f"(on {workers} worker process(es) at start, at most {settings.max_workers}; "
-        f"SIP ports {settings.sip.port}-{settings.worker_sip_port(settings.max_workers - 1)} UDP/TCP, "
-        f"{settings.tls_base_port}-{settings.worker_tls_port(settings.max_workers - 1)} TLS)"
+        f"SIP: UDP and TCP on {settings.sip.bind}:{settings.sip.port}"
+        + (f", TLS on {settings.sip.effective_tls_port}" if settings.sip.tls_server else ", no TLS listener")
+        + f"; loopback ports {settings.edge.loopback_port}-{sum(settings.tls_target_ports) - 1})"
     )
     from agent.addresses import explain
 

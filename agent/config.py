@@ -43,6 +43,7 @@ __all__ = [
     "ClientSettings",
     "ConfigError",
     "Connection",
+    "EdgeSettings",
     "ExternalUacSettings",
     "InternalUacSettings",
     "RegistrationKnobs",
@@ -56,9 +57,11 @@ __all__ = [
     "shown_input",
 ]
 
-# The SIP stack's per-process limits are facts of the stack (agent/worker/stack.py):
-# one worker holds LIMITS.connections (7) registering connections, bridges
-# LIMITS.bridged_calls (2), and its RTP slice needs LIMITS.rtp_ports (8) ports.
+# The SIP stack's per-process limits are facts of the stack (agent/worker/stack.py): one
+# worker holds LIMITS.connections (7) registering connections.
+
+# Loopback ports the edge itself uses from edge.loopback_port on (agent/edge/layout.py).
+EDGE_OWN_PORTS = 10
 
 _SECRET_FIELDS = {"password", "api_key"}
 _USERPART = r"[A-Za-z0-9._~!$&'()*+,;=%-]+"
@@ -231,7 +234,7 @@ class InternalUacSettings(_Strict):
     forward_mode: Literal["bridge", "redirect"] = "bridge"
     allowed_sources: list[Network] = Field(default_factory=list)
     ring_timeout_sec: Annotated[int, Field(ge=1, le=600)] = 60
-    max_calls: Annotated[int, Field(ge=1, le=LIMITS.bridged_calls)] | None = None
+    max_calls: Annotated[int, Field(ge=1, le=100_000)] | None = None
 
     @field_validator("destination_uri")
     @classmethod
@@ -299,33 +302,38 @@ class Connection(_Strict):
 
 
 class SipSettings(_Strict):
-    """Worker k listens on ``port + k`` (UDP, TCP) and ``tls_port + k`` (TLS), k < workers.max_workers."""
+    """The SIP edge's public side (docs/edge.md): UDP and TCP on ``port``, TLS on ``tls_port``, all on
+    ``bind``; the media relay's ports; what peers are told; DNS. Workers use loopback ports only
+    (``edge.loopback_port``)."""
 
     bind: str = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 5070
+    # The edge's TLS port (PBXs opening TLS connections to the Contact): open only with
+    # tls_cert_file and tls_key_file; default port + 1.
     tls_port: Annotated[int, Field(ge=1, le=65535)] | None = None
     tls_ca_file: Path | None = None
     tls_verify_server: bool = True
+    # The agent's certificate and key for TLS connections a PBX opens to the Contact.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     user_agent: str = "uac-agent"
     trace: bool = False  # log every SIP message, Authorization values redacted
     stack_log_level: Annotated[int, Field(ge=0, le=6)] = 2
-    # Media (bridged calls): RTP is bound to rtp_address (default: bind) on ports
-    # rtp_port .. rtp_port + rtp_port_range - 1 (two per call leg: RTP and RTCP),
-    # split into one equal slice per worker.
+    # Media of bridged calls, relayed by the edge (rtpengine): bound to rtp_address (default:
+    # bind) on ports rtp_port .. rtp_port + rtp_port_range - 1 (about four per call).
     rtp_address: str | None = None
     rtp_port: Annotated[int, Field(ge=1024, le=65000)] = 40000
     rtp_port_range: Annotated[int, Field(ge=8, le=25000)] = 10000
-    # Concurrent forwarded calls per worker process (a bridged call uses two of
-    # the stack's 4 call slots per process).
-    max_calls: Annotated[int, Field(ge=1, le=LIMITS.bridged_calls)] = LIMITS.bridged_calls
+    # Concurrent forwarded calls for the whole agent (each connection's max_calls also applies).
+    max_calls: Annotated[int, Field(ge=1, le=100_000)] = 1000
     # What a call over a limit gets: 486 Busy Here, or 503 with Retry-After.
     over_limit_response: Literal[486, 503] = 486
     over_limit_retry_after_sec: Annotated[int, Field(ge=1, le=3600)] = 5
-    # A CRLF keep-alive to the registrar every this many seconds, for each UDP
-    # registration, to hold a NAT binding open between refreshes (0: none).
+    # Accepted for older configs and ignored: the registrar keepalives (OPTIONS every
+    # registration.keepalive_interval_sec through the edge) keep a NAT binding open.
     udp_keepalive_sec: Annotated[int, Field(ge=0, le=3600)] = 0
     # NAT and containers (agent/addresses.py): the address peers are told (Contact,
-    # Via, SDP) while the sockets stay bound to `bind`; media defaults to the
+    # Via, Record-Route, SDP) while the sockets stay bound to `bind`; media defaults to the
     # signaling one. Peers in local_nets are told the local address instead.
     external_signaling_address: str | None = None
     external_media_address: str | None = None
@@ -335,6 +343,15 @@ class SipSettings(_Strict):
     # SIP thread (agent/dns.py, docs/dns.md).
     nameservers: list[str] = Field(default_factory=list)
     dns_timeout_sec: Annotated[float, Field(gt=0, le=30)] = 2.0
+
+    @property
+    def effective_tls_port(self) -> int:
+        return self.tls_port or self.port + 1
+
+    @property
+    def tls_server(self) -> bool:
+        """Whether the edge listens for TLS (a certificate and key are configured)."""
+        return self.tls_cert_file is not None and self.tls_key_file is not None
 
     @field_validator("nameservers", mode="before")
     @classmethod
@@ -394,12 +411,18 @@ class SipSettings(_Strict):
         (the one place this rule lives: the config, reloads and the API all ask it)."""
         return self.tls_ca_file is None and self.tls_verify_server
 
-    @field_validator("tls_ca_file")
+    @field_validator("tls_ca_file", "tls_cert_file", "tls_key_file")
     @classmethod
     def _ca(cls, v: Path | None) -> Path | None:
         if v is not None and not v.is_file():
             raise ValueError(f"{v} is not a readable file")
         return v
+
+    @model_validator(mode="after")
+    def _cert_pair(self) -> SipSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("sip.tls_cert_file and sip.tls_key_file go together: set both or neither")
+        return self
 
 
 def _read_key(value: SecretStr | None, path: Path | None, what: str, strip_all: bool = True) -> SecretStr | None:
@@ -485,6 +508,38 @@ class HttpSettings(_Strict):
         return host.strip("[]"), int(port)
 
 
+class CaptureSettings(_Strict):
+    """Copies of the calls' SIP messages for a Homer collector (docs/edge.md#capture)."""
+
+    # "IP:PORT" of a HEP3 collector (UDP); None: off. Every SIP message of both legs of
+    # every admitted call (TLS legs in clear), and rtpengine's RTCP statistics.
+    hep_address: str | None = None
+    # The HEP capture id this agent's packets carry (tells agents apart at the collector).
+    hep_id: Annotated[int, Field(ge=1, le=2**31 - 1)] = 2001
+
+    @field_validator("hep_address")
+    @classmethod
+    def _hep_address(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        host, sep, port = v.strip().rpartition(":")
+        host = host.strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{v!r} must be IP:PORT, e.g. 192.0.2.20:9060") from None
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{v!r} must be IP:PORT with a port 1-65535, e.g. 192.0.2.20:9060")
+        return f"{host}:{int(port)}" if ":" not in host else f"[{host}]:{int(port)}"
+
+    @property
+    def hep(self) -> tuple[str, int] | None:
+        if self.hep_address is None:
+            return None
+        host, _, port = self.hep_address.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 class StoreSettings(_Strict):
     """Where connections created or changed through the API are kept (SQLite)."""
 
@@ -539,6 +594,26 @@ class WorkerSettings(_Strict):
         return self
 
 
+class EdgeSettings(_Strict):
+    """The SIP edge the supervisor runs beside its workers (docs/edge.md): Kamailio routes the
+    signalling, rtpengine relays the media, HAProxy carries TCP and TLS. Loopback ports from
+    ``loopback_port`` on: the edge's own (``loopback_port`` .. ``+ 9``), then worker k's SIP port
+    (``+ 10 + k``), then the TLS targets' (``tls_targets`` of them). No admin opens any of them."""
+
+    loopback_port: Annotated[int, Field(ge=1024, le=65000)] = 25060
+    # Distinct TLS PBX addresses (host, address, port) the edge can dial at once.
+    tls_targets: Annotated[int, Field(ge=1, le=10_000)] = 256
+    # Where the edge's configs, control sockets and state live: $RUNTIME_DIRECTORY (systemd's
+    # RuntimeDirectory=), else a private directory made under the system's temporary one.
+    runtime_dir: Path | None = None
+    # Kamailio's SIP worker processes (for UDP and for TCP each) and its shared memory.
+    sip_processes: Annotated[int, Field(ge=1, le=64)] = 4
+    shm_mib: Annotated[int, Field(ge=32, le=8192)] = 128
+    # rtpengine refuses new calls (the PBX gets 503 with Retry-After) once its CPU use passes
+    # this share of one core, before it falls behind and drops packets.
+    media_max_cpu_percent: Annotated[float, Field(gt=0, le=100)] = 90.0
+
+
 class LogSettings(_Strict):
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -591,33 +666,24 @@ class AgentSettings(_FileAndEnvironment):
     connections: list[Connection] = Field(default_factory=list)
     store: StoreSettings = Field(default_factory=StoreSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    edge: EdgeSettings = Field(default_factory=EdgeSettings)
+    capture: CaptureSettings = Field(default_factory=CaptureSettings)
     _config_path: Path | None = PrivateAttr(default=None)
 
-    # -- worker k's ports -------------------------------------------------------
+    # -- ports (docs/edge.md) ----------------------------------------------------
 
     @property
     def max_workers(self) -> int:
         return self.workers.effective_max_workers
 
-    @property
-    def tls_base_port(self) -> int:
-        """Worker 0's TLS port: ``sip.tls_port``, by default right after the UDP/TCP range."""
-        return self.sip.tls_port or self.sip.port + self.max_workers
-
     def worker_sip_port(self, k: int) -> int:
-        return self.sip.port + k
-
-    def worker_tls_port(self, k: int) -> int:
-        return self.tls_base_port + k
+        """Worker k's loopback SIP port (UDP, on 127.0.0.1): only the edge talks to it."""
+        return self.edge.loopback_port + EDGE_OWN_PORTS + k
 
     @property
-    def rtp_ports_per_worker(self) -> int:
-        return self.sip.rtp_port_range // self.max_workers
-
-    def worker_rtp_ports(self, k: int) -> tuple[int, int]:
-        """(first port, number of ports) of worker k's RTP slice."""
-        n = self.rtp_ports_per_worker
-        return self.sip.rtp_port + k * n, n
+    def tls_target_ports(self) -> tuple[int, int]:
+        """(first, count) of the loopback ports the edge dials TLS PBXs through."""
+        return self.edge.loopback_port + EDGE_OWN_PORTS + self.max_workers, self.edge.tls_targets
 
     @property
     def config_path(self) -> Path | None:
@@ -626,40 +692,35 @@ class AgentSettings(_FileAndEnvironment):
 
     @model_validator(mode="after")
     def _ports(self) -> AgentSettings:
-        w = self.max_workers
-        sip_first, tls_first = self.sip.port, self.tls_base_port
-        sip_last, tls_last = sip_first + w - 1, tls_first + w - 1
-        why = f"{w} workers (workers.max_workers), one port each"
-        if sip_last > 65535:
+        sip, first = self.sip, self.edge.loopback_port
+        tls_first, tls_count = self.tls_target_ports
+        last = tls_first + tls_count - 1
+        if last > 65535:
             raise ValueError(
-                f"sip.port: the workers' UDP/TCP ports {sip_first}-{sip_last} pass 65535 ({why}): "
-                "lower sip.port or workers.max_workers"
+                f"edge.loopback_port: the loopback ports {first}-{last} (the edge's {EDGE_OWN_PORTS}, "
+                f"{self.max_workers} workers (workers.max_workers), {tls_count} TLS targets (edge.tls_targets)) "
+                "pass 65535: lower edge.loopback_port"
             )
-        if tls_last > 65535:
-            raise ValueError(
-                f"sip.tls_port: the workers' TLS ports {tls_first}-{tls_last} pass 65535 ({why}): "
-                "lower sip.tls_port or workers.max_workers"
-            )
-        if sip_first <= tls_last and tls_first <= sip_last:
-            raise ValueError(
-                f"sip.tls_port: the workers' TLS ports {tls_first}-{tls_last} overlap their UDP/TCP ports "
-                f"{sip_first}-{sip_last} ({why}): set sip.tls_port to {sip_last + 1} or more, or leave it unset"
-            )
-        per = self.rtp_ports_per_worker
-        if per < LIMITS.rtp_ports:
-            raise ValueError(
-                f"sip.rtp_port_range: {self.sip.rtp_port_range} ports give each of the {w} workers {per}, "
-                f"and a worker needs {LIMITS.rtp_ports} (RTP and RTCP for {LIMITS.call_slots} call legs): "
-                f"set it to {LIMITS.rtp_ports * w} or more"
-            )
-        rtp_first, rtp_last = self.sip.rtp_port, self.sip.rtp_port + self.sip.rtp_port_range - 1
+        public = {"sip.port": sip.port}
+        if sip.tls_server:
+            public["sip.tls_port"] = sip.effective_tls_port
+        if sip.tls_server and sip.effective_tls_port == sip.port:
+            raise ValueError(f"sip.tls_port: {sip.port} is sip.port already: choose another port for TLS")
+        for name, port in public.items():
+            if first <= port <= last:
+                raise ValueError(
+                    f"{name}: {port} is one of the edge's loopback ports {first}-{last}: move edge.loopback_port"
+                )
+        rtp_first, rtp_last = sip.rtp_port, sip.rtp_port + sip.rtp_port_range - 1
         if rtp_last > 65535:
             raise ValueError(f"sip.rtp_port_range: RTP ports {rtp_first}-{rtp_last} pass 65535")
-        for name, (a, b) in (("UDP/TCP", (sip_first, sip_last)), ("TLS", (tls_first, tls_last))):
-            if a <= rtp_last and rtp_first <= b:
-                raise ValueError(
-                    f"sip.rtp_port: RTP ports {rtp_first}-{rtp_last} overlap the workers' {name} ports {a}-{b}"
-                )
+        if rtp_first <= last and first <= rtp_last:
+            raise ValueError(
+                f"sip.rtp_port: RTP ports {rtp_first}-{rtp_last} overlap the edge's loopback ports {first}-{last}"
+            )
+        for name, port in public.items():
+            if rtp_first <= port <= rtp_last:
+                raise ValueError(f"sip.rtp_port: RTP ports {rtp_first}-{rtp_last} include {name} {port}")
         return self
 
     @model_validator(mode="after")

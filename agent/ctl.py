@@ -110,6 +110,7 @@ def rows(status: Mapping[str, Any], now: float) -> list[dict[str, str]]:
                 "WORKER": "-" if d.get("worker") is None else str(d["worker"]),
                 "STATE": str(d.get("state") or ""),
                 "REGISTERED": ("yes" if c.get("registered") else "no") if active else "-",
+                "CALLS": str(d.get("calls_active") or 0),
                 "LAST RESPONSE": str(c.get("last_registration_response") or "-"),
                 "EXPIRES IN": _duration(None if expires_at is None else expires_at - now),
                 "NEXT ACTION": f"{action} in {_duration(next_at - now)}" if action and next_at else (action or "-"),

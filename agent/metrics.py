@@ -170,6 +170,23 @@ class Metrics:
             ["connection_id", "worker"],
             registry=registry,
         )
+        self.edge_up = Gauge(
+            "uac_agent_edge_up",
+            "1 while the edge's process (kamailio, rtpengine, haproxy) runs and answers on its control socket.",
+            ["process"],
+            registry=registry,
+        )
+        self.edge_restarts = Counter(
+            "uac_agent_edge_restarts",
+            "Times the edge's process was started again after it died or stopped answering.",
+            ["process"],
+            registry=registry,
+        )
+        self.log_lines_dropped = Counter(
+            "uac_agent_log_lines_dropped",
+            "Log lines dropped rather than let a flood of them slow the agent down.",
+            registry=registry,
+        )
         self._last_info: dict[str, str] = {}
         self._placed: dict[str, str] = {}
 

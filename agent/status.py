@@ -59,6 +59,7 @@ class ConnectionStatus:
     last_keepalive: str | None = None
     registrar_reachable_since: float | None = None
     target: str | None = None  # the DNS target REGISTERs go to, when the next hop is a host name
+    calls_active: int = 0  # calls from the PBX the edge carries on this connection now
 
     @property
     def uptime_sec(self) -> float | None:
@@ -123,6 +124,7 @@ class ConnectionStatus:
                 "last_keepalive": self.last_keepalive,
                 "registrar_reachable_since": iso(self.registrar_reachable_since),
                 "target": self.target,
+                "calls_active": self.calls_active,
             },
         }
 
@@ -141,7 +143,11 @@ def summary(statuses: Mapping[str, ConnectionStatus]) -> str:
 
 
 def build_status(
-    conn: Connection, snap: PolicySnapshot, worker: int | None = None, worker_pid: int | None = None
+    conn: Connection,
+    snap: PolicySnapshot,
+    worker: int | None = None,
+    worker_pid: int | None = None,
+    calls_active: int = 0,
 ) -> ConnectionStatus:
     return ConnectionStatus(
         connection=conn,
@@ -168,6 +174,7 @@ def build_status(
         last_keepalive=snap.last_keepalive,
         registrar_reachable_since=snap.registrar_reachable_since,
         target=snap.target,
+        calls_active=calls_active,
     )
 
 

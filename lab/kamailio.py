@@ -87,6 +87,11 @@ def free_port_block(count: int, host: str = "127.0.0.1", low: int = 10000, high:
     raise RuntimeError(f"no block of {count} free ports found")
 
 
+def release_port_block(base: int, count: int) -> None:
+    """Hand a block out again once whatever used it has exited (an agent under test's RTP ports)."""
+    _handed_out.difference_update(range(base, base + count))
+
+
 @dataclass
 class KamailioConfig:
     port: int
@@ -150,7 +155,14 @@ def render_config(cfg: KamailioConfig, rundir: Path) -> str:
     users = "\n".join(f'    $sht(creds=>{u}) = "{p}";' for u, p in cfg.users.items())
     tls_lines = ""
     tls_mod = ""
+    tls_log = ""
     if cfg.tls:
+        # what a TLS client negotiated, as this PBX saw it (Kamailio.tls_registers)
+        tls_log = (
+            '        if ($proto == "tls") {\n'
+            '            xlog("L_NOTICE", "TLS REGISTER to=$tu version=$tls_version cipher=$tls_description\\n");\n'
+            "        }\n"
+        )
         tls_lines = f"listen=tls:{cfg.host}:{cfg.tls_port}\nenable_tls=yes\n"
         tls_mod = f'loadmodule "tls.so"\nmodparam("tls", "config", "{rundir}/tls.cfg")\n'
     return f"""#!KAMAILIO
@@ -200,7 +212,7 @@ request_route {{
     }}
     if (is_method("REGISTER")) {{
         xlog("L_NOTICE", "REGISTER from $si:$sp proto=$proto to=$tu ci=$ci cseq=$cs exp=$hdr(Expires) t=$TV(Sn)\\n");
-        if (!pv_www_authenticate("{cfg.realm}", "$sht(creds=>$au)", "0")) {{
+{tls_log}        if (!pv_www_authenticate("{cfg.realm}", "$sht(creds=>$au)", "0")) {{
             www_challenge("{cfg.realm}", "0");
             exit;
         }}
@@ -340,6 +352,11 @@ class Kamailio:
             if m:
                 out.append((float(m.group(3)), m.group(1), int(m.group(2))))
         return out
+
+    def tls_registers(self, user: str) -> list[str]:
+        """The TLS version of every REGISTER for ``user`` that came over TLS (e.g. "TLSv1.3")."""
+        pat = re.compile(rf"TLS REGISTER to=sips?:{re.escape(user)}@\S+ version=(\S+)")
+        return [m.group(1) for ln in self.log_path.read_text(errors="replace").splitlines() if (m := pat.search(ln))]
 
     def lookup(self, user: str) -> str | None:
         """The ``ul.lookup`` output for ``user``, or None when it has no binding."""

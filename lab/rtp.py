@@ -2,14 +2,13 @@
 
 SIPp does the signalling in the tests; its SDP names this endpoint's port, so the
 media of that call leg lands here. The endpoint sends G.711 u-law packets (20 ms,
-payload type 0) filled with its own byte ``pattern`` to whoever sends it RTP
-(symmetric RTP, as pjsua sends from the port it receives on), counts the packets
+payload type 0) filled with its own byte ``pattern`` to the address the other side's
+SDP named (:meth:`send_to`), or to whoever sends it RTP, counts the packets
 it receives by the pattern they carry, and decodes RFC 2833 telephone events
 (``event_pt``) into digits. It can also send RFC 2833 digits.
 
-A u-law frame goes through pjsua's conference bridge unchanged when it has one
-source, so a packet of the other end's pattern arriving here proves that audio
-was bridged in that direction.
+The media relay (rtpengine) passes each packet unchanged, so a packet of the other end's
+pattern arriving here proves that audio was relayed in that direction.
 """
 
 from __future__ import annotations
@@ -60,6 +59,11 @@ class RtpEndpoint:
         self._stop.set()
         self._thread.join(2)
         self._sock.close()
+
+    def send_to(self, peer: tuple[str, int]) -> None:
+        """Start sending to ``peer`` (the address the other side's SDP named), as a phone does
+        behind a media relay, which sends nothing until it has heard from both ends."""
+        self._peer = peer
 
     def send_digits(self, digits: str) -> None:
         """Queue RFC 2833 events (sent once a peer is known)."""

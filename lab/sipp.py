@@ -245,7 +245,8 @@ def parse_message_log(source: str | Path, *, local_time: bool = False) -> list[S
     return messages
 
 
-def _socket_inodes(pid: int) -> set[str]:
+def socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets process ``pid`` holds."""
     inodes: set[str] = set()
     try:
         for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -396,7 +397,7 @@ class Sipp:
                 if code == 0:
                     return  # a short client scenario may finish before we look
                 raise RuntimeError(f"sipp exited at start (rc={code}):\n{self.output()[-3000:]}")
-            if _bound_inodes(self.port, self.transport == "t1") & _socket_inodes(self.proc.pid):
+            if _bound_inodes(self.port, self.transport == "t1") & socket_inodes(self.proc.pid):
                 return
             time.sleep(0.02)
         self.stop()

@@ -184,19 +184,17 @@ def build_connection(data: dict[str, Any], settings: AgentSettings) -> Connectio
 
 
 def fqdn_for(conn: Connection, settings: AgentSettings, worker: int | None = None) -> str:
-    """host:port of the agent's SIP transport this connection registers from: the
-    address in the Contact it registers (which also carries ``;line=<id>``), so
-    where the PBX sends this connection's calls. Worker k has its own ports
-    (``sip.port + k``, ``sip.tls_port + k``); a connection on no worker shows worker 0's."""
+    """host:port of the edge this connection's Contact names (it also carries ``;line=<id>``), so
+    where the PBX sends this connection's calls: ``sip.port`` for UDP and TCP, ``sip.tls_port``
+    for TLS, whichever worker holds it."""
     s = settings.sip
-    host = s.bind
+    host = s.external_signaling_address or s.bind
     if is_wildcard(host):  # a wildcard bind has no address of its own
         host = socket.getfqdn()
     elif ":" in host:
         host = f"[{host}]"
     ext = conn.external_uac_settings
-    k = worker or 0
-    port = settings.worker_tls_port(k) if ext is not None and ext.transport == "TLS" else settings.worker_sip_port(k)
+    port = s.effective_tls_port if ext is not None and ext.transport == "TLS" else s.port
     return f"{host}:{port}"
 
 

@@ -353,6 +353,7 @@ class RegistrationDetails(_Exact):
     last_keepalive: str | None
     registrar_reachable_since: Timestamp
     target: str | None
+    calls_active: int
 
 
 class RegistrationStatusView(_Exact):

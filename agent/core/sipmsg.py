@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["header_values", "int_header", "redact"]
+__all__ = ["EDGE_HEADER", "edge_failure", "header_values", "int_header", "redact", "uri_host_port"]
 
 _COMPACT = {"expires": None, "retry-after": None, "min-expires": None, "call-id": "i", "contact": "m"}
 _AUTH_LINE = re.compile(
@@ -39,6 +39,28 @@ def int_header(message: str, name: str) -> int | None:
         if m:
             return int(m.group())
     return None
+
+
+# The edge marks the answers it gives a worker on the PBX's behalf (no answer, no connection):
+# they are the edge's failures, not the PBX's (agent/edge/routes.cfg, route FROM_WORKER).
+EDGE_HEADER = "X-UAC-Edge"
+
+
+def edge_failure(message: str) -> str | None:
+    """Why the edge answered a worker's request itself (None: the answer is the PBX's)."""
+    values = header_values(message, EDGE_HEADER)
+    return values[0] if values else None
+
+
+_HOST_PORT = re.compile(r"^sips?:(?:[^@;>]*@)?(\[[0-9A-Fa-f:.]+\]|[^:;>?]+)(?::(\d{1,5}))?")
+
+
+def uri_host_port(uri: str) -> tuple[str, int | None]:
+    """(host, port or None) of a SIP URI; ("", None) when it is not one."""
+    m = _HOST_PORT.match(uri.strip().strip("<>"))
+    if not m:
+        return "", None
+    return m.group(1).strip("[]"), int(m.group(2)) if m.group(2) else None
 
 
 def redact(text: str) -> str:

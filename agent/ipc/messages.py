@@ -14,12 +14,14 @@ travel inside them as they are.
 
 Supervisor -> worker (:data:`Command`)
     ``Start`` (first, once), ``Apply``, ``Remove``, ``RegisterNow``,
-    ``UnregisterNow``, ``Ping``, ``Shutdown``.
+    ``UnregisterNow``, ``FlowClosed``, ``Ping``, ``Shutdown``.
 Worker -> supervisor (:data:`Event`)
     ``Ready`` or ``StartFailed`` (answer to ``Start``), ``Done`` (answer to each
     request), ``StateChanged``, the metric events (``RegisterAnswered``,
-    ``FlowLost``, ``CallCounted``, ``CallsActive``, ``CallSetupTimed``,
-    ``InboundRejected``), ``Log``, ``Pong`` and ``Stopped`` (last).
+    ``FlowLost``, ``Failover``), ``Log``, ``Pong`` and ``Stopped`` (last).
+
+Workers hold registrations only: calls are the edge's (``agent/edge``), whose own
+messages are in ``agent/edge/messages.py``.
 """
 
 from __future__ import annotations
@@ -32,19 +34,16 @@ from agent.core.policy import PolicySettings, PolicySnapshot
 __all__ = [
     "AccountSpec",
     "Apply",
-    "CallCounted",
-    "CallSetupTimed",
-    "CallsActive",
     "Command",
     "ConnSpec",
     "Done",
     "ErrorKind",
     "Event",
     "Failover",
+    "FlowClosed",
     "FlowLost",
     "Hop",
     "HopTarget",
-    "InboundRejected",
     "Log",
     "Ping",
     "Pong",
@@ -52,7 +51,6 @@ __all__ = [
     "RegisterAnswered",
     "RegisterNow",
     "Remove",
-    "Route",
     "Shutdown",
     "StackSettings",
     "Start",
@@ -67,34 +65,15 @@ __all__ = [
 
 @dataclass(frozen=True)
 class StackSettings:
-    """One worker's SIP stack: its own ports (``sip.port + k``, ``sip.tls_port + k``) and RTP slice."""
+    """One worker's SIP stack: UDP on its own loopback port; every request it sends goes
+    through the edge first (``edge_route``), which sends it on from its own sockets."""
 
     bind: str
     port: int
-    tls_port: int
-    tls_ca_file: str | None
-    tls_verify_server: bool
+    edge_route: str  # sip:127.0.0.1:PORT;lr
     user_agent: str
     log_level: int
     trace: bool
-    want_tls: bool
-    rtp_address: str = "127.0.0.1"
-    rtp_port: int = 40000
-    rtp_port_range: int = 1000
-    call_slots: int = 4
-    # Forwarded calls this worker bridges at once (each takes two call slots).
-    max_calls: int = 2
-    # What a call over a limit gets: 486, or 503 with Retry-After.
-    over_limit_response: int = 486
-    over_limit_retry_after_sec: int = 5
-    # CRLF keep-alives to the registrar of each UDP registration (0: none).
-    udp_keepalive_sec: int = 0
-    # Advertised addresses (agent/addresses.py); None: the bound one, or the stack's
-    # choice when bound to a wildcard. public_address goes in every transport's Via;
-    # leg_b_* in leg B's From and SDP.
-    public_address: str | None = None
-    leg_b_host: str | None = None
-    leg_b_media_address: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,23 +83,21 @@ class AccountSpec:
     key: str
     id_uri: str
     registrar_uri: str
-    proxies: tuple[str, ...]
-    transport: str
+    proxies: tuple[str, ...]  # after the edge: the outbound proxy, when there is one
+    transport: str  # the connection's transport to the PBX (the edge's; the worker always talks UDP to the edge)
     auth_username: str
     password: str = field(repr=False)
     expires: int
-    contact_uri_params: str
-    # What this account's peer is told (agent/addresses.py); None: the transport's address.
-    contact_host: str | None = None
-    media_address: str | None = None
+    contact: str  # the whole Contact: the edge's address and port, with ;line=<connection_id>
 
 
 @dataclass(frozen=True)
 class HopTarget:
     """One place a next hop's requests may go (agent/dns.py found it)."""
 
-    uri: str  # where to send: sip:IP:PORT[;transport=tcp]; for TLS the host name the certificate must name
+    uri: str  # where to send: sip:IP:PORT[;transport=tcp|tls]
     label: str  # for status and logs: "pbx1.example.com 192.0.2.10:5060 (SRV _sip._udp.example.com, priority 10)"
+    name: str = ""  # the host name it came from: what a TLS PBX's certificate must name
 
 
 @dataclass(frozen=True)
@@ -136,25 +113,6 @@ class Hop:
 
 
 @dataclass(frozen=True)
-class Route:
-    """How a connection's calls from its PBX are forwarded (``internal_uac_settings``)."""
-
-    destination: str | None  # sip: URI, None when the connection has no destination_uri
-    forward_mode: str  # "bridge" or "redirect"
-    allowed_sources: tuple[str, ...]  # CIDRs besides the PBX's own addresses
-    ring_timeout_sec: int
-    max_calls: int | None
-    pbx_hosts: tuple[str, ...]  # hosts of proxy and outbound_proxy (their addresses may call)
-    # What the destination is told on leg B (agent/addresses.py); None: the worker's default.
-    leg_b_host: str | None = None
-    leg_b_media: str | None = None
-    # The addresses the PBX's hosts resolved to (calls from them are allowed), resolved by the supervisor.
-    pbx_addresses: tuple[str, ...] = ()
-    # Leg B's targets when the destination's host is a name (None: an IP literal, sent as it is).
-    destination_hop: Hop | None = None
-
-
-@dataclass(frozen=True)
 class ConnSpec:
     """Everything a worker needs to run one registering connection.
 
@@ -165,7 +123,6 @@ class ConnSpec:
     connection_id: str
     account: AccountSpec
     policy: PolicySettings
-    route: Route
     # Register at once instead of after the start-up stagger (added at runtime, or a worker restart).
     register_at_once: bool = False
     # Where REGISTERs (and keepalives) go when the next hop (outbound_proxy, else proxy) is a host name.
@@ -221,6 +178,15 @@ class Ping:
 
 
 @dataclass(frozen=True)
+class FlowClosed:
+    """The edge's TCP connection to ``address:port`` closed: connections registered over it
+    register again at once (the PBX lost the flow its calls come over)."""
+
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Unregister every connection within ``deadline_sec``, send ``Stopped``, exit 0."""
 
@@ -228,7 +194,7 @@ class Shutdown:
     reason: str = "shutdown"
 
 
-Command = Start | Apply | Remove | RegisterNow | UnregisterNow | Ping | Shutdown
+Command = Start | Apply | Remove | RegisterNow | UnregisterNow | FlowClosed | Ping | Shutdown
 
 # -- worker -> supervisor -------------------------------------------------------
 
@@ -286,30 +252,6 @@ class Failover:
 
 
 @dataclass(frozen=True)
-class CallCounted:
-    connection_id: str
-    result: str
-
-
-@dataclass(frozen=True)
-class CallsActive:
-    connection_id: str
-    count: int
-
-
-@dataclass(frozen=True)
-class CallSetupTimed:
-    connection_id: str
-    seconds: float
-
-
-@dataclass(frozen=True)
-class InboundRejected:
-    connection_id: str  # "" when no connection matched
-    reason: str
-
-
-@dataclass(frozen=True)
 class Log:
     """One log line; the supervisor adds ``worker`` and writes it to the one log stream."""
 
@@ -330,19 +272,4 @@ class Stopped:
     unfinished: tuple[str, ...]
 
 
-Event = (
-    Ready
-    | StartFailed
-    | Done
-    | StateChanged
-    | RegisterAnswered
-    | FlowLost
-    | Failover
-    | CallCounted
-    | CallsActive
-    | CallSetupTimed
-    | InboundRejected
-    | Log
-    | Pong
-    | Stopped
-)
+Event = Ready | StartFailed | Done | StateChanged | RegisterAnswered | FlowLost | Failover | Log | Pong | Stopped

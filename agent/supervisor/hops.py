@@ -6,10 +6,10 @@ Rules
   host name there is resolved (agent/dns.py: NAPTR, SRV, A/AAAA) into a
   :class:`~agent.ipc.messages.Hop`: its targets in failover order, or the DNS
   error. An IP literal needs no hop: the worker sends to it as it is.
-* UDP and TCP targets are addresses (``sip:IP:port``): the worker's stack sends
-  there without any lookup. A TLS target keeps its host name (the SRV target,
-  or the host itself), because the PBX's certificate must name the host dialled;
-  the stack resolves that name itself when it connects (see docs/dns.md).
+* Targets are addresses (``sip:IP:port``, with ``;transport=tcp|tls``): nothing
+  downstream looks a name up. A TLS target also carries the host name it came
+  from (the SRV target, or the host itself): the edge's TLS proxy dials the
+  address and checks that the PBX's certificate names that host.
 * A ``destination_uri`` with a host name gets the same treatment for leg B.
 * The addresses calls from the PBX may come from are those of every target of
   ``proxy`` and ``outbound_proxy`` and of their hosts' own A/AAAA records.
@@ -73,10 +73,7 @@ def _label(t: Target) -> str:
 
 
 def _target(t: Target) -> HopTarget:
-    if t.transport == "TLS" and t.host != t.ip:
-        host = f"[{t.host}]" if ":" in t.host else t.host
-        return HopTarget(uri=f"sip:{host}:{t.port};transport=tls", label=_label(t))
-    return HopTarget(uri=t.uri, label=_label(t))
+    return HopTarget(uri=t.uri, label=_label(t), name=t.host)
 
 
 def hop_of(res: Resolution) -> Hop:

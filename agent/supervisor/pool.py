@@ -10,9 +10,13 @@ Rules
   else to a new worker at the lowest free index. A worker left with no
   connection is stopped. At most ``workers.max_connections`` connections are
   placed: one more is a :class:`ConnectionLimitError`.
-* **Ports.** Worker k listens on ``sip.port + k`` and ``sip.tls_port + k`` and
-  owns slice k of the RTP range; a replacement takes the same index, so the
-  same ports and the same Contact.
+* **Ports.** Worker k listens on loopback port ``edge.loopback_port + 10 + k``
+  (UDP) and sends every request through the edge; a replacement takes the same
+  index. The Contact names the edge, so a replacement registers the same one.
+* **The edge** (``agent/edge``) gets each placed connection's record before its
+  worker gets the connection (the REGISTER's From and the calls depend on it),
+  and loses it when the connection leaves its worker. A TCP flow the edge saw
+  close reaches the workers as ``FlowClosed``.
 * **Changes** reach only the worker holding the connection, as one request
   each (``Apply``, ``Remove``, ``RegisterNow``, ``UnregisterNow``) answered by
   ``Done``. The pool commits a change when the worker confirms it; a worker
@@ -44,11 +48,11 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from agent.addresses import is_wildcard
 from agent.config import AgentSettings, Connection
 from agent.core.policy import PolicySnapshot
+from agent.edge.messages import EdgeConnection, TlsTarget
 from agent.ipc import messages as m
 from agent.ipc.wire import FrameReader, WireError, encode
 from agent.metrics import Metrics
@@ -69,9 +73,9 @@ from agent.supervisor.errors import (
 )
 from agent.supervisor.hops import HopResolver
 from agent.supervisor.launcher import Launched, Launcher, describe_exit
-from agent.supervisor.specs import conn_spec, needs_lookup, transport_address
+from agent.supervisor.specs import EdgeRecords, needs_lookup, tls_targets
 
-__all__ = ["WorkerPool"]
+__all__ = ["EdgeSink", "WorkerPool"]
 
 T = TypeVar("T")
 
@@ -83,10 +87,20 @@ START_TIMEOUT_SEC = 30.0
 HEALTH_TIMEOUT_SEC = 2.0
 # ... and an answer serves for this long (several probes in a second ask the loop once).
 HEALTH_CACHE_SEC = 1.0
+# How long a change waits for the edge to route a new TLS target before its worker gets it.
+EDGE_TLS_WAIT_SEC = 2.0
 # A heartbeat round is sent in at most this many groups spread over its period.
 PING_GROUPS = 20
 # At start-up, how long a port held by a previous supervisor's workers is waited for.
 BIND_RETRY_SEC = 8.0
+
+
+class EdgeSink(Protocol):
+    """What the pool hands the edge (agent/edge/supervisor.py's Edge; never blocks)."""
+
+    def put(self, rec: EdgeConnection) -> None: ...
+    def remove(self, line: str) -> None: ...
+    def put_tls(self, target: TlsTarget) -> concurrent.futures.Future[None]: ...
 
 
 @dataclass
@@ -107,7 +121,6 @@ class _Worker:
     log: Any = None
     restart_handle: asyncio.TimerHandle | None = None
     outbox: list[m.Command] = field(default_factory=list)  # sent once the socket is connected
-    calls: dict[str, int] = field(default_factory=dict)  # calls in progress, by connection (even deleted ones)
 
 
 @dataclass
@@ -120,6 +133,7 @@ class _Placed:
     spec: m.ConnSpec | None = None  # the last spec sent to its worker
     dns_expires: float | None = None  # monotonic time its host names are looked up again (None: none to look up)
     dns_print: tuple[object, ...] | None = None  # what its host names resolved to (Hops.fingerprint)
+    record: EdgeConnection | None = None  # the edge's record of its committed settings
 
 
 class WorkerPool:
@@ -130,6 +144,8 @@ class WorkerPool:
         metrics: Metrics,
         logger: Any,
         hops: HopResolver | None = None,
+        edge: EdgeSink | None = None,
+        records: EdgeRecords | None = None,
     ) -> None:
         self._settings = settings
         self._launcher = launcher
@@ -149,6 +165,11 @@ class WorkerPool:
         self._started = False
         self._health_seen: tuple[float, str | None] | None = None  # (monotonic, answer) of health()
         self._hops = hops or HopResolver(settings.sip)
+        self._edge = edge
+        self._records = records or EdgeRecords(settings)
+        self._tls_slots: dict[str, int] = {}  # TLS target "IP:PORT" -> its loopback port's slot
+        self._calls: Mapping[str, int] = {}  # calls active by connection (the edge's count)
+        self._built: dict[str, tuple[EdgeConnection, tuple[m.Hop | None, ...]]] = {}  # by _spec, for _to_edge
         # DNS lookups run here, never on the loop thread (nor, in the workers, on a SIP thread).
         self._dns = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="dns")
         self._refreshing: set[str] = set()
@@ -188,6 +209,15 @@ class WorkerPool:
 
     def unregister_now(self, connection_id: str) -> concurrent.futures.Future[str]:
         return self._submit(self._action(connection_id, register=False))
+
+    def flow_closed(self, address: str, port: int) -> None:
+        """The edge's TCP connection to ``address:port`` closed (any thread): every worker with a
+        TCP or TLS connection is told; those registered over it register again."""
+        self._loop.call_soon_threadsafe(self._flow_closed, address, port)
+
+    def set_calls_active(self, connection_id: str, count: int) -> None:
+        """The edge's count of calls in progress on a connection (any thread), for its status."""
+        self._loop.call_soon_threadsafe(self._set_calls, connection_id, count)
 
     def replace_settings(self, settings: AgentSettings) -> None:
         """Use ``settings`` (e.g. new ``defaults``) for connections applied from now on."""
@@ -401,8 +431,8 @@ class WorkerPool:
         self._maybe_retire(w)
 
     def _maybe_retire(self, w: _Worker) -> None:
-        """Stop a worker left with no connection, once no request and no call is in progress on it."""
-        if w.conns or w.pending or any(w.calls.values()) or w.state not in ("starting", "running"):
+        """Stop a worker left with no connection, once no request is in progress on it."""
+        if w.conns or w.pending or w.state not in ("starting", "running"):
             return
         w.state = "retiring"
         w.log.info("worker_retiring", reason="no connection left")
@@ -425,29 +455,13 @@ class WorkerPool:
         w.last_pong = w.started_at
         s = self._settings
         k = w.index
-        rtp_first, rtp_count = s.worker_rtp_ports(k)
         stack = m.StackSettings(
-            bind=s.sip.bind,
+            bind="127.0.0.1",
             port=s.worker_sip_port(k),
-            tls_port=s.worker_tls_port(k),
-            tls_ca_file=str(s.sip.tls_ca_file) if s.sip.tls_ca_file is not None else None,
-            tls_verify_server=s.sip.tls_verify_server,
+            edge_route=f"sip:127.0.0.1:{s.edge.loopback_port};lr",
             user_agent=s.sip.user_agent,
             log_level=s.sip.stack_log_level,
             trace=s.sip.trace,
-            want_tls=True,
-            rtp_address=s.sip.effective_rtp_address,
-            rtp_port=rtp_first,
-            rtp_port_range=rtp_count,
-            max_calls=s.sip.max_calls,
-            over_limit_response=s.sip.over_limit_response,
-            over_limit_retry_after_sec=s.sip.over_limit_retry_after_sec,
-            udp_keepalive_sec=s.sip.udp_keepalive_sec,
-            public_address=transport_address(s.sip),
-            leg_b_host=transport_address(s.sip),
-            leg_b_media_address=s.sip.external_media_address
-            or s.sip.external_signaling_address
-            or (None if is_wildcard(s.sip.effective_rtp_address) else s.sip.effective_rtp_address),
         )
         try:
             proc = self._launcher.launch(k)
@@ -523,7 +537,6 @@ class WorkerPool:
         was = w.state
         w.proc = None
         w.pid = None
-        w.calls.clear()
         for fut, _ in w.pending.values():
             if not fut.done():
                 fut.set_exception(WorkerLostError(f"worker {w.index} stopped ({reason}) before it answered"))
@@ -560,7 +573,6 @@ class WorkerPool:
                 continue
             p.down = text
             p.snapshot = worker_down_snapshot(p.snapshot or pending_snapshot(p.conn, now), text, now)
-            self._metrics.calls_active.labels(connection_id=cid).set(0)
             self._dirty.add(cid)
         w.log.error(
             "worker_died",
@@ -666,6 +678,7 @@ class WorkerPool:
             p = self._conns.get(cid)
             if p is not None and p.conn == conn:
                 p.spec, p.dns_expires = spec, expires
+                await self._to_edge(conn)
             if w.proc is not proc:
                 raise asyncio.CancelledError  # replaced meanwhile: the replacement is sent its own
             fut = self._request(w, lambda r: m.Apply(r, spec), cid)
@@ -679,11 +692,13 @@ class WorkerPool:
 
     async def _spec(self, conn: Connection, at_once: bool) -> tuple[m.ConnSpec, float | None]:
         """What the worker runs for ``conn``, its host names looked up in a DNS thread; and when to
-        look them up again (None: no host name)."""
+        look them up again (None: no host name). The edge gets the connection's record first."""
         if needs_lookup(conn, self._settings.sip):
-            spec, expires = await self._loop.run_in_executor(self._dns, self._build_spec, conn, at_once)
+            built = await self._loop.run_in_executor(self._dns, self._build_spec, conn, at_once)
         else:
-            spec, expires = self._build_spec(conn, at_once)
+            built = self._build_spec(conn, at_once)
+        spec, record, tls, expires = built
+        self._built[conn.connection_id] = (record, tls)
         p = self._conns.get(conn.connection_id)
         printed = self._prints.pop(conn.connection_id, None)
         if p is not None and p.conn == conn and printed is not None:
@@ -697,15 +712,69 @@ class WorkerPool:
             )
         return spec, expires
 
-    def _build_spec(self, conn: Connection, at_once: bool) -> tuple[m.ConnSpec, float | None]:
-        """(spec, when to look again); blocks on DNS when a host is a name (DNS thread only then)."""
-        spec = conn_spec(conn, self._settings, register_at_once=at_once)
+    async def _to_edge(self, conn: Connection) -> None:
+        """Hand the edge the record built last for ``conn`` (by _spec), before its worker gets it;
+        its TLS targets are routed by the edge before this returns (at most EDGE_TLS_WAIT_SEC)."""
+        built = self._built.pop(conn.connection_id, None)
+        if built is None:
+            return
+        record, tls = built
+        p = self._conns.get(conn.connection_id)
+        if p is not None:
+            p.record = record
+        if self._edge is not None:
+            told = [self._edge.put_tls(target) for target in self._tls_ports(conn, tls)]
+            self._edge.put(record)
+            if told:
+                await asyncio.wait([asyncio.wrap_future(f) for f in told], timeout=EDGE_TLS_WAIT_SEC)
+
+    def _edge_undo(self, cid: str) -> None:
+        """The edge goes back to the connection's committed record (or forgets it)."""
+        if self._edge is None:
+            return
+        p = self._conns.get(cid)
+        if p is not None and p.worker is not None and p.record is not None:
+            self._edge.put(p.record)
+        else:
+            self._edge.remove(cid)
+
+    def _tls_ports(self, conn: Connection, hops: tuple[m.Hop | None, ...]) -> list[TlsTarget]:
+        first, count = self._settings.tls_target_ports
+        try:
+            return tls_targets(hops, first, self._tls_slots, count)
+        except ValueError as e:
+            self._log.error("tls_target_refused", connection_id=conn.connection_id, error=str(e))
+            return []
+
+    def _build_spec(
+        self, conn: Connection, at_once: bool
+    ) -> tuple[m.ConnSpec, EdgeConnection, tuple[m.Hop | None, ...], float | None]:
+        """(spec, the edge's record, the hops that may be TLS, when to look again); blocks on DNS
+        when a host is a name (DNS thread only then)."""
+        account, record = self._records.both(conn)
+        spec = m.ConnSpec(
+            connection_id=conn.connection_id,
+            account=account,
+            policy=self._settings.policy_settings(conn),
+            register_at_once=at_once,
+        )
+        literal = self._records.literal_hops(conn)
         if not needs_lookup(conn, self._settings.sip):
-            return spec, None
+            return spec, record, literal, None
         hops = self._hops.hops(conn)
         self._prints[conn.connection_id] = hops.fingerprint  # read on the loop thread once _spec returns
-        route = replace(spec.route, pbx_addresses=hops.pbx_addresses, destination_hop=hops.destination)
-        return replace(spec, route=route, hop=hops.registration), hops.expires_at
+        record = replace(
+            record,
+            targets=tuple(t.uri for t in hops.destination.targets) if hops.destination else record.targets,
+            target_labels=tuple((t.uri, t.label) for t in hops.destination.targets) if hops.destination else (),
+            sources=self._records.sources(conn, hops.pbx_addresses),
+        )
+        return (
+            replace(spec, hop=hops.registration),
+            record,
+            (*literal, hops.registration, hops.destination),
+            hops.expires_at,
+        )
 
     async def _dns_refresher(self) -> None:
         """Look connections' host names up again when their answers expire (in the DNS threads, all
@@ -760,6 +829,7 @@ class WorkerPool:
                 error=spec.hop.error if spec.hop else None,
             )
             p.spec = spec
+            await self._to_edge(conn)
             done = await self._request(w, lambda r: m.Apply(r, spec), cid)
             if done.error_kind is not None:
                 self._log.warning("dns_change_not_applied", connection_id=cid, error=done.error)
@@ -767,6 +837,32 @@ class WorkerPool:
             self._log.warning("dns_refresh_failed", connection_id=cid, error=repr(e))
         finally:
             self._refreshing.discard(cid)
+
+    def _flow_closed(self, address: str, port: int) -> None:
+        for key, slot in self._tls_slots.items():  # a TLS flow: the edge's connection to HAProxy's port
+            first = self._settings.tls_target_ports[0]
+            if address == "127.0.0.1" and port == first + slot:
+                host, _, p = key.rpartition(":")
+                address, port = host.strip("[]"), int(p)
+                break
+        for w in self._workers.values():
+            if w.state != "running":
+                continue
+            if any(
+                (pl := self._conns.get(cid)) is not None
+                and pl.conn.external_uac_settings is not None
+                and pl.conn.external_uac_settings.transport in ("TCP", "TLS")
+                for cid in w.conns
+            ):
+                self._send(w, m.FlowClosed(address, port))
+
+    def _set_calls(self, cid: str, count: int) -> None:
+        calls = dict(self._calls)
+        calls[cid] = count
+        self._calls = calls
+        if cid in self._conns:
+            self._dirty.add(cid)
+            self._publish()
 
     def _start_apply_done(self, fut: asyncio.Future[m.Done], cid: str) -> None:
         """A failure of an Apply nobody awaits (start-up, restart) is logged and shown."""
@@ -807,17 +903,6 @@ class WorkerPool:
         elif isinstance(ev, m.Pong):
             if ev.seq == w.ping_seq and w.ping_sent:
                 self._metrics.worker_heartbeat.observe(time.monotonic() - w.ping_sent)
-        elif isinstance(ev, m.CallsActive):
-            w.calls[ev.connection_id] = ev.count
-            if ev.connection_id in self._conns:
-                self._metrics.calls_active.labels(connection_id=ev.connection_id).set(ev.count)
-            self._maybe_retire(w)
-        elif isinstance(ev, m.CallCounted):
-            self._metrics.calls.labels(connection_id=ev.connection_id, result=ev.result).inc()
-        elif isinstance(ev, m.CallSetupTimed):
-            self._metrics.call_setup.labels(connection_id=ev.connection_id).observe(ev.seconds)
-        elif isinstance(ev, m.InboundRejected):
-            self._metrics.inbound_rejected.labels(connection_id=ev.connection_id, reason=ev.reason).inc()
         elif isinstance(ev, m.FlowLost):
             self._metrics.flows_lost.labels(transport=ev.transport).inc()
         elif isinstance(ev, m.Ready):
@@ -855,7 +940,7 @@ class WorkerPool:
             if snap is None:
                 snap = inactive_snapshot(p.conn, time.time())
             w = self._workers.get(p.worker) if p.worker is not None else None
-            st = build_status(p.conn, snap, p.worker, w.pid if w is not None else None)
+            st = build_status(p.conn, snap, p.worker, w.pid if w is not None else None, self._calls.get(cid, 0))
             if p.down is not None:
                 st = replace(st, state="WORKER_DOWN")
             statuses[cid] = st
@@ -912,6 +997,7 @@ class WorkerPool:
                 placed = self._conns.get(cid)
                 if placed is not None:
                     placed.spec, placed.dns_expires = spec, expires
+                await self._to_edge(conn)
                 done = await self._request(w, lambda r: m.Apply(r, spec), cid)
                 result = self._check(done)
             except BaseException:
@@ -922,6 +1008,7 @@ class WorkerPool:
                         self._conns[cid] = old
                     self._dirty.add(cid)
                 self._unplace(w, cid)
+                self._edge_undo(cid)
                 self._publish()
                 raise
             return result if old is None else "replaced"
@@ -932,6 +1019,7 @@ class WorkerPool:
             else:
                 self._unplace(w, cid)
                 self._conns[cid] = _Placed(conn, snapshot=inactive_snapshot(conn, now))
+                self._edge_undo(cid)
             self._dirty.add(cid)
             self._publish()
             return "updated"
@@ -940,14 +1028,23 @@ class WorkerPool:
             self._check(done)
             self._unplace(w, cid)
             self._conns[cid] = _Placed(conn, snapshot=inactive_snapshot(conn, time.time()))
+            self._edge_undo(cid)
             self._dirty.add(cid)
             self._publish()
             return "replaced"
         spec, expires = await self._spec(conn, at_once=True)
-        done = await self._request(w, lambda r: m.Apply(r, spec), cid)
-        result = self._check(done)
+        committed = p.record
+        await self._to_edge(conn)
+        new_record, p.record = p.record, committed  # the new one counts once the worker confirms
+        try:
+            done = await self._request(w, lambda r: m.Apply(r, spec), cid)
+            result = self._check(done)
+        except BaseException:
+            self._edge_undo(cid)
+            raise
         p.conn = conn
         p.spec, p.dns_expires = spec, expires
+        p.record = new_record
         p.held = False if result == "replaced" else p.held
         self._dirty.add(cid)
         self._publish()
@@ -967,6 +1064,7 @@ class WorkerPool:
                     self._check(done)
             self._unplace(w, cid)
         del self._conns[cid]
+        self._edge_undo(cid)
         self._dirty.add(cid)
         self._publish()
         return True

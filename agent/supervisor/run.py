@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from agent import __version__
 from agent.api.service import ConnectionService
 from agent.config import AgentSettings
+from agent.edge.supervisor import Edge, EdgeError
 from agent.http.app import create_app
 from agent.http.keys import ApiKeys
 from agent.http.routes import AgentState
@@ -34,6 +35,7 @@ from agent.metrics import Metrics, WorkerProcessCollector
 from agent.reload import ReloadOutcome, reload_outcome
 from agent.status import summary
 from agent.store import ConnectionStore, StoreError, resolve_store_path
+from agent.supervisor.edge import plan_edge
 from agent.supervisor.errors import EngineError
 from agent.supervisor.launcher import Launcher, ZygoteLauncher
 from agent.supervisor.pool import WorkerPool
@@ -43,8 +45,9 @@ __all__ = ["run"]
 
 
 def _raise_fd_limit(workers: int, log: Any) -> None:
-    """The supervisor holds a socket per worker: make sure the soft file limit leaves room."""
-    need = 2 * workers + 512
+    """The supervisor holds a socket per worker, and the edge's engines (which inherit the limit)
+    a descriptor per connection: make sure the soft file limit leaves room for both."""
+    need = 2 * workers + 512 + 16384
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
         new = need if hard == resource.RLIM_INFINITY else min(need, hard)
@@ -75,7 +78,15 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
         log.error("workers_unavailable", error=str(e))
         store.close()
         return 1
-    pool = WorkerPool(service.engine_settings(), launcher, metrics, log)
+    plan, records = plan_edge(settings)
+    edge = Edge(
+        plan,
+        metrics,
+        log,
+        on_flow_closed=lambda address, port: pool.flow_closed(address, port),
+        on_active=lambda cid, count: pool.set_calls_active(cid, count),
+    )
+    pool = WorkerPool(service.engine_settings(), launcher, metrics, log, edge=edge, records=records)
     registry.register(WorkerProcessCollector(pool.worker_pids))
     service.attach(pool)
     stop = threading.Event()
@@ -120,7 +131,7 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
     agent = AgentState(
         statuses=pool.statuses,
         health=pool.health,
-        ready=lambda: pool.ready,
+        ready=lambda: pool.ready and edge.health() is None,
         reload=request_reload,
         info=lambda: {"version": __version__, "pid": os.getpid(), "workers": len(pool.worker_pids())},
     )
@@ -131,9 +142,17 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
         store.close()
         return 1
     try:
+        edge.start()
+    except EdgeError as e:
+        log.error("edge_start_failed", error=str(e))
+        http.stop()
+        store.close()
+        return 1
+    try:
         pool.start(service.engine_settings().connections)
     except EngineError as e:
         log.error("sip_start_failed", error=str(e))
+        edge.stop()
         http.stop()
         store.close()
         return 1
@@ -172,6 +191,7 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
         if not pool.alive and not stop.is_set():
             log.error("worker_pool_died")
             drop_reloads()
+            edge.stop()
             http.stop()
             store.close()
             return 1
@@ -186,7 +206,8 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
         deadline_sec=settings.shutdown_timeout_sec,
     )
     drop_reloads()
-    pool.stop(settings.shutdown_timeout_sec)
+    pool.stop(settings.shutdown_timeout_sec)  # the workers unregister through the edge, then it stops
+    edge.stop()
     http.stop()
     drop_reloads()
     store.close()

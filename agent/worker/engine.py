@@ -2,7 +2,7 @@
 
 It creates the stack (Endpoint, transports, accounts), blocks in
 ``libHandleEvents`` until the next deadline (a policy's refresh or retry, a
-binding's expiry, a REGISTER's timeout, a keepalive, a ring timeout) or until a
+binding's expiry, a REGISTER's timeout, a keepalive) or until a
 command arrives, hands what the stack reports to the part that owns it, and
 sends what they report to the supervisor (``agent.ipc.messages``).
 
@@ -12,8 +12,9 @@ The parts, one concern each:
   and stack events (tables keyed by type);
 * ``registrations.py``: each connection's policy, liveness and DNS targets;
 * ``changes.py``: the changes the supervisor asks for, one at a time per connection;
-* ``reporting.py``: log lines, metric events and state snapshots;
-* ``calls.py``: the calls from the PBX and their forwarding.
+* ``reporting.py``: log lines, metric events and state snapshots.
+
+A worker holds registrations only: calls from the PBX reach the edge, never a worker.
 
 Other threads reach it only through :meth:`WorkerEngine.submit`, which queues
 the command and wakes the loop (``wake``: a datagram to the worker's own SIP
@@ -35,6 +36,7 @@ from agent.ipc.messages import (
     Apply,
     Command,
     Event,
+    FlowClosed,
     Ping,
     Pong,
     Ready,
@@ -46,22 +48,8 @@ from agent.ipc.messages import (
     Stopped,
     UnregisterNow,
 )
-from agent.worker.calls import CallRouter
 from agent.worker.changes import ChangeQueue, ConnectionChanges, Wait
-from agent.worker.events import (
-    FORWARD_KEY,
-    CallDtmf,
-    CallMedia,
-    CallRefusedByStack,
-    CallState,
-    IncomingCall,
-    KeepaliveResult,
-    RegResult,
-    RegStarted,
-    SipEvent,
-    StackLog,
-    TransportDown,
-)
+from agent.worker.events import FORWARD_KEY, KeepaliveResult, RegResult, RegStarted, SipEvent, StackLog
 from agent.worker.log import WorkerLog
 from agent.worker.registrations import Registrations
 from agent.worker.reporting import Reporter
@@ -72,8 +60,7 @@ __all__ = ["WorkerEngine"]
 # Longest block in libHandleEvents with nothing due: the supervisor's pings
 # wake the loop more often than this anyway.
 IDLE_CAP_SEC = 60.0
-# While calls are set up or carried (or legs wait for their slot to free), the
-# loop comes round at least this often.
+# While the stack has work in hand, the loop comes round at least this often.
 BUSY_CAP_SEC = 0.05
 
 
@@ -100,7 +87,6 @@ class WorkerEngine:
         self._out: list[Event] = []
         self._reporter = Reporter(self.emit, self._log, clock, start.stack.trace)
         self._regs: Registrations | None = None
-        self._router: CallRouter | None = None
         self._changes = ChangeQueue(self.emit, clock.monotonic, lambda: self._stop_deadline is not None)
         self._ops: ConnectionChanges | None = None
         self._stop_deadline: float | None = None  # monotonic; set once a stop is asked for
@@ -115,6 +101,7 @@ class WorkerEngine:
             UnregisterNow: lambda cmd: self._change(
                 cmd.connection_id, cmd.request, lambda ops: ops.unregister_now(cmd.connection_id)
             ),
+            FlowClosed: lambda cmd: self._regs.on_flow_closed(cmd.address, cmd.port) if self._regs else None,
             Shutdown: lambda cmd: self.request_stop(cmd.deadline_sec, cmd.reason),
             Start: lambda cmd: self._log.warning("start_ignored", reason="the stack is already started"),
         }
@@ -151,33 +138,21 @@ class WorkerEngine:
             self._flush()
             return 1
         regs = Registrations(stack, self._clock, self._rng, self._log, self.emit, self._reporter)
-        router = CallRouter(stack, self._settings, regs.route, regs.registrar_ip, self.emit, self._log, self._clock)
-        self._regs, self._router = regs, router
+        self._regs = regs
         self._ops = ConnectionChanges(regs, 2 * self._start.shutdown_timeout_sec + 1.0)
         self._on_event = {
             RegResult: regs.on_reg_result,
             RegStarted: regs.on_reg_started,
             KeepaliveResult: lambda ev: regs.on_keepalive_result(ev, forward=ev.key == FORWARD_KEY),
-            TransportDown: regs.on_flow_lost,
             StackLog: self._reporter.stack_log,
-            CallRefusedByStack: self._reporter.refused_by_stack,
-            IncomingCall: router.on_incoming,
-            CallState: router.on_state,
-            CallMedia: router.on_media,
-            CallDtmf: router.on_dtmf,
         }
         s = self._settings
-        self._log.info(
-            "worker_started",
-            sip=f"{s.bind}:{s.port}",
-            tls_port=s.tls_port if s.want_tls else None,
-            rtp_ports=f"{s.rtp_port}-{s.rtp_port + s.rtp_port_range - 1}",
-        )
+        self._log.info("worker_started", sip=f"{s.bind}:{s.port}", edge=s.edge_route)
         self.emit(Ready(pid=os.getpid()))
         self._flush()
         unfinished: list[str] = []
         try:
-            unfinished = self._loop(stack, regs, router)
+            unfinished = self._loop(stack, regs)
         except BaseException as e:
             self._log.error("sip_thread_crashed", error=repr(e))
             raise
@@ -204,10 +179,9 @@ class WorkerEngine:
             if regs is not None:
                 regs.stop_all()
 
-    def _loop(self, stack: Stack, regs: Registrations, router: CallRouter) -> list[str]:
+    def _loop(self, stack: Stack, regs: Registrations) -> list[str]:
         while True:
             self._run_commands()
-            router.poll()
             regs.step_all()
             self._changes.poll()
             regs.publish()
@@ -219,16 +193,16 @@ class WorkerEngine:
                 if self._clock.monotonic() >= self._stop_deadline:
                     self._log.warning("stop_deadline_passed", still_unregistering=pending)
                     return pending
-            stack.handle_events(self._timeout_ms(stack, regs, router))
+            stack.handle_events(self._timeout_ms(stack, regs))
             self._dispatch()
 
-    def _timeout_ms(self, stack: Stack, regs: Registrations, router: CallRouter) -> int:
+    def _timeout_ms(self, stack: Stack, regs: Registrations) -> int:
         """How long libHandleEvents may block: until the next deadline, 0 with commands queued."""
         if not self._commands.empty():
             return 0
         now = self._clock.monotonic()
-        cap = BUSY_CAP_SEC if stack.busy or router.busy else IDLE_CAP_SEC
-        deadlines = (regs.next_deadline(), router.next_deadline(), self._changes.next_deadline(), self._stop_deadline)
+        cap = BUSY_CAP_SEC if stack.busy else IDLE_CAP_SEC
+        deadlines = (regs.next_deadline(), self._changes.next_deadline(), self._stop_deadline)
         due = min([now + cap, *(d for d in deadlines if d is not None)])
         return max(0, math.ceil((due - now) * 1000))
 

@@ -39,6 +39,9 @@ class Waker:
         self._addr = wake_address(bind, port)
         family = socket.AF_INET6 if ":" in self._addr[0] else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        # bound to loopback: left to the kernel, the first send would bind it to the wildcard,
+        # a port open on every address for as long as the worker lives
+        self._sock.bind((self._addr[0], 0))
 
     def __call__(self) -> None:
         try:

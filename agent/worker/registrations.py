@@ -16,8 +16,8 @@ Rules
   once. A registration on a lower target moves back to the best one at a
   refresh only if that one answered an OPTIONS from the worker's own account
   shortly before (one such probe per worker at a time).
-* A dropped TCP/TLS flow re-registers the connections registered over that
-  transport.
+* A TCP/TLS flow the edge saw close (``FlowClosed``) re-registers the
+  connections registered over it: the PBX lost the flow their calls come over.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from typing import Any
 from agent.core.clock import Clock
 from agent.core.liveness import RegistrarProbe
 from agent.core.policy import Action, RegisterResponse, RegistrationPolicy, RegState
+from agent.core.sipmsg import uri_host_port
 from agent.core.targets import TargetCursor, fails_over
-from agent.ipc.messages import ConnSpec, Event, Failover, FlowLost, Route
-from agent.worker.events import KeepaliveResult, RegResult, RegStarted, TransportDown
+from agent.ipc.messages import ConnSpec, Event, Failover, FlowLost
+from agent.worker.events import KeepaliveResult, RegResult, RegStarted
 from agent.worker.reporting import Reporter
 from agent.worker.stack import LIMITS, Stack
 
@@ -106,16 +107,6 @@ class Registrations:
 
     def now(self) -> float:
         return self._clock.monotonic()
-
-    # -- views for the call router -----------------------------------------------
-
-    def route(self, connection_id: str) -> Route | None:
-        c = self.conns.get(connection_id)
-        return c.spec.route if c is not None else None
-
-    def registrar_ip(self, connection_id: str) -> str | None:
-        c = self.conns.get(connection_id)
-        return c.policy.last_registered_ip if c is not None else None
 
     # -- adding, updating, dropping -------------------------------------------------
 
@@ -287,16 +278,23 @@ class Registrations:
             c.log.info("registrar_answering_again", response=response)
             c.policy.request_refresh()
 
-    def on_flow_lost(self, ev: TransportDown) -> None:
-        kind = ev.kind.upper()
-        if kind not in ("TCP", "TLS"):
-            return
-        self._emit(FlowLost(kind))
+    def on_flow_closed(self, address: str, port: int) -> None:
+        """The edge's connection to ``address:port`` closed: re-register what went over it."""
+        seen: set[str] = set()
         for c in self.conns.values():
-            if c.spec.account.transport != kind or not c.policy.registered:
+            kind = c.spec.account.transport
+            if kind not in ("TCP", "TLS") or not c.policy.registered or self._next_hop(c) != (address, port):
                 continue
-            c.log.warning("flow_lost", transport=kind, remote=ev.remote or None, error=ev.error)
+            if kind not in seen:
+                seen.add(kind)
+                self._emit(FlowLost(kind))
+            c.log.warning("flow_lost", transport=kind, remote=f"{address}:{port}")
             c.policy.on_flow_lost()
+
+    def _next_hop(self, c: Conn) -> tuple[str, int]:
+        """(address, port) the edge sends this connection's REGISTERs to."""
+        host, port = uri_host_port(self._keepalive_key(c)[1])
+        return host, port or (5061 if c.spec.account.transport == "TLS" else 5060)
 
     # -- liveness (agent/core/liveness.py) ----------------------------------------------
 

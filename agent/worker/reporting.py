@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from agent.core.clock import Clock
 from agent.core.policy import Outcome, PolicySnapshot
-from agent.ipc.messages import Event, InboundRejected, RegisterAnswered, StateChanged
-from agent.worker.events import CallRefusedByStack, StackLog
+from agent.ipc.messages import Event, RegisterAnswered, StateChanged
+from agent.worker.events import StackLog
 
 if TYPE_CHECKING:
     from agent.worker.registrations import Conn
@@ -128,7 +128,3 @@ class Reporter:
             self._log.warning("sip_stack", message=msg)
         else:
             self._log.debug("sip_stack", message=msg)
-
-    def refused_by_stack(self, ev: CallRefusedByStack) -> None:
-        self._emit(InboundRejected("", "over_limit"))
-        self._log.warning("call_rejected", reason="over_limit", code=486, detail=ev.reason)

@@ -14,15 +14,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lab.kamailio import free_port, free_port_block
+from lab.kamailio import free_port, free_port_block, release_port_block
 
 API_KEY = "integration-test-key"
 # DNS servers every agent under test asks (tests/integration/conftest.py starts a loopback
 # dnsmasq that knows localhost and nothing else): no test's lookup leaves loopback.
 DEFAULT_NAMESERVERS: list[str] = []
-# Worker processes an agent under test may start: worker k listens on sip_port + k
-# (UDP/TCP) and sip_port + MAX_WORKERS + k (TLS).
+# Worker processes an agent under test may start (each on a loopback port of its edge's).
 MAX_WORKERS = 8
+# TLS PBX addresses the edge of an agent under test may dial at once (one loopback port each).
+TLS_TARGETS = 16
+# RTP ports of an agent under test (rtpengine's: about 4 per bridged call).
+RTP_PORTS = 400
 
 
 class AgentProcess:
@@ -31,15 +34,25 @@ class AgentProcess:
         workdir.mkdir(parents=True, exist_ok=True)
         workers = dict(sections.pop("workers", {}))
         self.max_workers = int(workers.setdefault("max_workers", MAX_WORKERS))
-        self.sip_port = free_port_block(2 * self.max_workers)
+        self.sip_port = free_port()  # the edge's one public port (UDP, TCP)
+        self.tls_port = free_port()  # its TLS port (open only with sip.tls_cert_file)
+        self.loopback_port = free_port_block(10 + self.max_workers + TLS_TARGETS)
+        self.rtp_port = free_port_block(RTP_PORTS, low=20000, high=32000)
+        self._blocks = [(self.loopback_port, 10 + self.max_workers + TLS_TARGETS), (self.rtp_port, RTP_PORTS)]
         self.http_port = free_port()
         config: dict[str, Any] = {
             "sip": {
                 "bind": "127.0.0.1",
                 "port": self.sip_port,
-                "tls_port": self.sip_port + self.max_workers,
-                "rtp_port_range": 16 * self.max_workers,
+                "tls_port": self.tls_port,
+                "rtp_port": self.rtp_port,
+                "rtp_port_range": RTP_PORTS,
                 "nameservers": list(DEFAULT_NAMESERVERS),
+            },
+            "edge": {
+                "loopback_port": self.loopback_port,
+                "tls_targets": TLS_TARGETS,
+                "runtime_dir": str(workdir / "edge"),
             },
             "http": {"listen": f"127.0.0.1:{self.http_port}", "api_key": API_KEY},
             "log": {"format": "json", "level": "debug"},
@@ -57,8 +70,9 @@ class AgentProcess:
         self.log_path = workdir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def sip_port_of(self, worker: int) -> int:
-        return self.sip_port + worker
+    def worker_port(self, worker: int) -> int:
+        """Worker ``worker``'s loopback SIP port (only the edge talks to it)."""
+        return self.loopback_port + 10 + worker
 
     def start(self, timeout: float = 20.0, env: dict[str, str] | None = None) -> AgentProcess:
         env = {**os.environ, **(env or {})}
@@ -159,20 +173,20 @@ class AgentProcess:
         return self.proc.wait(timeout)
 
     def children(self) -> dict[int, str]:
-        """The supervisor's child processes now (its workers and their zygote): pid -> process name."""
+        """The supervisor's child processes now (its workers, their zygote, the edge's engines and
+        its keeper): pid -> process name."""
+        return {} if self.proc is None else _children_of(self.proc.pid)
+
+    def descendants(self) -> dict[int, str]:
+        """Every process under the supervisor now (the children and theirs, e.g. Kamailio's)."""
         if self.proc is None:
             return {}
         out: dict[int, str] = {}
-        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
-            try:
-                pids = [int(p) for p in (task / "children").read_text().split()]  # whichever thread adopted it
-            except OSError:
-                continue
-            for pid in pids:
-                try:
-                    out[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
-                except OSError:
-                    continue
+        todo = [self.proc.pid]
+        while todo:
+            kids = _children_of(todo.pop())
+            out.update(kids)
+            todo += kids
         return out
 
     def worker_pids(self) -> list[int]:
@@ -180,13 +194,36 @@ class AgentProcess:
         return sorted(p for p, name in self.children().items() if name.startswith("uac-worker"))
 
     def kill(self) -> None:
-        """SIGKILL the supervisor and its workers (test teardown: nothing outlives a test)."""
+        """SIGKILL the supervisor, its workers and its edge (test teardown: nothing outlives a test)."""
         if self.proc is not None and self.proc.poll() is None:
             workers = list(self.children())
             self.proc.kill()
             self.proc.wait(5)
             for pid in workers:
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    if os.getpgid(pid) == pid:  # an edge engine: its whole group (Kamailio's children)
+                        os.killpg(pid, signal.SIGKILL)
+                    else:
+                        os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        if self.proc is not None and self.proc.poll() is not None and self._blocks:
+            for base, count in self._blocks:
+                release_port_block(base, count)
+            self._blocks = []
+
+
+def _children_of(pid: int) -> dict[int, str]:
+    """``pid``'s child processes now (whichever of its threads adopted each): pid -> name."""
+    out: dict[int, str] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                out[kid] = Path(f"/proc/{kid}/comm").read_text().strip()
+            except OSError:
+                continue
+    return out

@@ -9,7 +9,6 @@ UDP endpoints named in each SIPp's SDP (lab/rtp.py), which count what arrives.
 from __future__ import annotations
 
 import itertools
-import random
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +51,36 @@ def metric(agent: AgentProcess, name: str, **labels: str) -> float:
     return total
 
 
+def media_of(sdp: str) -> tuple[str, int]:
+    """(address, port) of the audio an SDP body offers or answers."""
+    c = re.search(r"^c=IN IP4 (\S+)", sdp, re.M)
+    m = re.search(r"^m=audio (\d+)", sdp, re.M)
+    assert c is not None and m is not None, sdp
+    return c.group(1), int(m.group(1))
+
+
+def connect_media(
+    pbx: Sipp,
+    dest: Sipp,
+    pbx_rtp: RtpEndpoint,
+    dest_rtp: RtpEndpoint,
+    code: int = 200,
+    nat: dict[str, str] | None = None,
+) -> None:
+    """Each RTP end sends to what the SDP it got names (the media relay's ports): the PBX's
+    from the answer (or 183) it received, the destination's from the INVITE. ``nat`` plays the
+    NAT in front of an agent told to advertise an external address: a packet to the external
+    address reaches the host's own (external -> local)."""
+
+    def via_nat(addr: tuple[str, int]) -> tuple[str, int]:
+        return (nat or {}).get(addr[0], addr[0]), addr[1]
+
+    wait_until(lambda: bool(dest.received_requests("INVITE")), 10, "the INVITE at the destination")
+    dest_rtp.send_to(via_nat(media_of(dest.received_requests("INVITE")[0].body)))
+    wait_until(lambda: any("m=audio" in r.body for r in pbx.received_responses(code)), 10, f"{code} with SDP")
+    pbx_rtp.send_to(via_nat(media_of(next(r.body for r in pbx.received_responses(code) if "m=audio" in r.body))))
+
+
 @dataclass
 class CallLab:
     kamailio: Kamailio
@@ -67,6 +96,7 @@ class CallLab:
             variables["rtp_port"] = kw.pop("rtp_port")
         elif scenario.startswith("dest_answer"):
             variables["rtp_port"] = str(free_port())
+        variables.update(kw.pop("variables", {}))
         s = Sipp(
             scenario_path(scenario),
             port or self.dest_port,
@@ -128,6 +158,7 @@ def call_lab(pbx_proxy: Kamailio, tmp_path: Path) -> Iterator[Callable[..., Call
         dest_params: str = "",
         dest_port: int | None = None,
         transport: str = "UDP",
+        **sections: Any,
     ) -> CallLab:
         dest_port = dest_port or free_port()
         conn = connection(
@@ -135,8 +166,10 @@ def call_lab(pbx_proxy: Kamailio, tmp_path: Path) -> Iterator[Callable[..., Call
         )
         destination = f"1006@127.0.0.1:{dest_port}{dest_params}"
         conn["internal_uac_settings"] = {"destination_uri": destination, **(internal or {})}
-        sip_section = {"rtp_port": random.randrange(20000, 30000, 2), "rtp_port_range": 200, **(sip or {})}
-        agent = AgentProcess(tmp_path / f"agent{len(agents)}", [conn], sip=sip_section, log={"level": "debug"})
+        sip_section = {**(sip or {})}
+        agent = AgentProcess(
+            tmp_path / f"agent{len(agents)}", [conn], sip=sip_section, log={"level": "debug"}, **sections
+        )
         agents.append(agent)
         agent.start()
         agent.wait_for(lambda: kamailio.lookup(user) is not None, 10, f"{user} bound in Kamailio")
@@ -207,9 +240,13 @@ def test_transport_in_destination_uri_is_honoured(
             relay.stop()
     invites = dest.received_requests("INVITE")
     assert len(invites) == 2
-    # the agent's Via (below the relay's, for TLS) names the transport leg B took
-    agent_vias = [m.header_all("Via")[-1] for m in invites]
-    assert all(f"SIP/2.0/{transport.upper()}" in v for v in agent_vias), agent_vias
+    # the edge's own Via (below the relay's, for TLS) names TCP: Kamailio speaks TCP to its TLS
+    # proxy, which dialled the relay's TLS-only port (the INVITE reached it: TLS was used);
+    # below it, the PBX side's Vias are one masked Via (topology hiding)
+    agent_vias = [m.header_all("Via")[1 if relay else 0] for m in invites]
+    assert all("SIP/2.0/TCP 127.0.0.1:" in v for v in agent_vias), agent_vias
+    hidden = [m.header_all("Via")[-1] for m in invites]
+    assert all("branch=z9hG4bKsr-" in v and str(lab.kamailio.cfg.port) not in v for v in hidden), hidden
     if transport == "tcp":
         assert all(m.transport == "TCP" for m in invites), [m.transport for m in invites]
     assert all(m.transport == "UDP" for m in pbx.received_responses(200))
@@ -270,6 +307,7 @@ def test_rtp_is_bridged_both_ways_and_dtmf_is_relayed(call_lab: Callable[..., Ca
     try:
         dest = lab.dest("dest_answer.xml", rtp_port=str(dest_rtp.port))
         pbx = lab.pbx("pbx_call.xml", rtp_port=pbx_rtp.port, timeout=30, extra_args=["-d", "6000"])
+        connect_media(pbx, dest, pbx_rtp, dest_rtp)
         wait_until(lambda: pbx_rtp.packets_in > 0 and dest_rtp.packets_in > 0, 10, "RTP at both ends")
         offer = dest.received_requests("INVITE")[0].body
         te = re.search(r"a=rtpmap:(\d+) telephone-event/8000", offer)
@@ -296,6 +334,7 @@ def test_183_early_media_is_relayed_and_bridged_before_the_answer(call_lab: Call
     try:
         dest = lab.dest("dest_early_media.xml", rtp_port=str(dest_rtp.port))  # 183 + SDP, 200 after 2 s
         pbx = lab.pbx("pbx_call.xml", rtp_port=pbx_rtp.port, timeout=30, extra_args=["-d", "1000"])
+        connect_media(pbx, dest, pbx_rtp, dest_rtp, code=183)
         wait_until(lambda: pbx_rtp.count_of(DEST_PATTERN) >= 25, 10, "the destination's early media at the PBX")
         heard_at = time.time()
         assert pbx.wait(30) == 0, pbx.output()[-2000:]
@@ -489,6 +528,9 @@ def test_bound_to_wildcard_advertises_the_right_addresses(
     try:
         dest = lab.dest("dest_answer.xml", rtp_port=str(dest_rtp.port))
         pbx = lab.pbx("pbx_call.xml", rtp_port=pbx_rtp.port, timeout=30, extra_args=["-d", "3000"])
+        # the NAT forwards what is sent to the external media address to the host's address
+        # on loopback (the relay cannot bind a wildcard: it binds each local address)
+        connect_media(pbx, dest, pbx_rtp, dest_rtp, nat={media: "127.0.0.1"})
         wait_until(lambda: pbx_rtp.count_of(DEST_PATTERN) > 20 and dest_rtp.count_of(PBX_PATTERN) > 20, 10, "RTP")
         assert pbx.wait(30) == 0, pbx.output()[-2000:]
         dest.stop()
@@ -500,8 +542,14 @@ def test_bound_to_wildcard_advertises_the_right_addresses(
     for msg in (offer_b, answer_a):
         assert f"c=IN IP4 {media}" in msg.body, msg.body
         assert re.search(rf"^o=.* IN IP4 {re.escape(media)}\s*$", msg.body, re.M), msg.body
-    assert f"@{sig}" in (offer_b.header("From") or ""), offer_b.header("From")
-    assert sig in (answer_a.header("Contact") or ""), answer_a.header("Contact")
+    # leg B reaches the destination from the edge, which names itself as ``sig`` (the
+    # edge is a proxy: From stays the caller's; Via and Record-Route are the edge's)
+    assert f"SIP/2.0/UDP {sig}:{lab.agent.sip_port}" in offer_b.header_all("Via")[0], offer_b.header_all("Via")
+    assert f"sip:{sig}:{lab.agent.sip_port}" in offer_b.header_all("Record-Route")[0], offer_b.headers
+    # the PBX reaches the edge in the dialog at what it is told (Record-Route); the
+    # destination's Contact is hidden from it
+    assert f"sip:{sig}:{lab.agent.sip_port}" in ",".join(answer_a.header_all("Record-Route")), answer_a.headers
+    assert f":{lab.dest_port}" not in (answer_a.header("Contact") or ""), answer_a.header("Contact")
     seen = [m.raw for m in (*dest.messages(), *pbx.messages())]
     assert not [raw for raw in seen if "0.0.0.0" in raw]
 

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lab.kamailio import Kamailio
+from lab.kamailio import Kamailio, make_test_pki
 from tests.integration.agentproc import API_KEY, AgentProcess
 from tests.integration.conftest import USERS, connection, start_kamailio
 
@@ -40,6 +40,10 @@ def test_registers_over_udp_tcp_tls_and_unregisters_on_sigterm(
         assert st["last_registered_ip"] == "127.0.0.1"
         assert st["sip_registration_details"]["expires"] == 300
         assert st["third-party_uac_settings"]["password"] == "***"
+
+    # TLS is the edge's (HAProxy on the system's OpenSSL 3), never the wheel's 1.0.2k: the PBX
+    # offers TLS 1.3 and saw it negotiated
+    assert set(kamailio.tls_registers("carol")) == {"TLSv1.3"}, kamailio.tls_registers("carol")
 
     metrics = agent.metrics()
     for cid in ("c-udp", "c-tcp", "c-tls"):
@@ -183,5 +187,33 @@ def test_sha256_digest_through_outbound_proxy(
         assert USERS["alice"] not in trace
         assert agent.terminate() == 0
         assert k.lookup("alice") is None
+    finally:
+        k.stop()
+
+
+def test_a_valid_chain_naming_another_host_is_refused_before_any_register(
+    tmp_path: Path, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    """The PBX's certificate is signed by the trusted CA but names pbx.lab.test, not the host
+    dialled (localhost): the TLS handshake is refused, the PBX receives no REGISTER, and the
+    connection's last response says why."""
+    other = make_test_pki(tmp_path / "pki-other-name", host="pbx.lab.test")
+    k = start_kamailio(tmp_path / "k-name", other)
+    try:
+        agent = agent_factory(
+            [connection("c-tls-name", f"sip:localhost:{k.cfg.tls_port}", "TLS", "dave")],
+            sip={"tls_ca_file": str(other["ca"])},
+        )
+        agent.wait_for(
+            lambda: agent.status("c-tls-name")["last_registration_response"] is not None, 15, "a TLS attempt"
+        )
+        st = agent.status("c-tls-name")
+        assert st["registered"] is False
+        text = st["last_registration_response"]
+        assert text.startswith("TLS failure") and "localhost" in text, text
+        assert "certificate" in text.lower(), text
+        assert k.registers("dave") == []  # not one byte of SIP reached the PBX
+        assert k.lookup("dave") is None
+        assert agent.terminate() == 0
     finally:
         k.stop()

@@ -111,7 +111,7 @@ def test_status_register_unregister_and_reload_commands(kamailio: Kamailio, tmp_
         assert res.returncode == 1, res.stderr  # bob is not registered
         lines = res.stdout.splitlines()
         assert "1/2 registered, 1 failing" in lines[0]
-        header = "ID NAME WORKER STATE REGISTERED LAST RESPONSE EXPIRES IN NEXT ACTION"
+        header = "ID NAME WORKER STATE REGISTERED CALLS LAST RESPONSE EXPIRES IN NEXT ACTION"
         assert lines[1].split() == header.split()
         alice = next(ln for ln in lines if ln.startswith("c-alice"))
         bob = next(ln for ln in lines if ln.startswith("c-bob"))

@@ -45,7 +45,7 @@ from agent.supervisor.pool import WorkerPool
 from agent.worker.engine import WorkerEngine
 from agent.worker.events import KeepaliveResult, RegResult, SipEvent
 from agent.worker.main import serve
-from agent.worker.stack import NoCallSlotError, StackError, StackFactory
+from agent.worker.stack import StackFactory
 
 KEY = "operator-key-0123456789"
 USER_KEYS = {"tenant-323-key-0123456789": "323", "tenant-999-key-0123456789": "999"}
@@ -77,10 +77,8 @@ class FakeDns(Resolver):
 
 
 class FakeAdapter:
-    """The SIP stack of a worker thread: registrations answered at once, no calls. It implements
+    """The SIP stack of a worker thread: registrations answered at once. It implements
     agent.worker.stack.Stack (mypy checks it: ThreadWorker hands it to serve() as a StackFactory)."""
-
-    published_host = "127.0.0.1"
 
     def __init__(
         self, stack: FakeStack, sink: Callable[[SipEvent], None], wake: threading.Event, worker: int = 0
@@ -101,32 +99,6 @@ class FakeAdapter:
     @property
     def busy(self) -> bool:
         return False
-
-    # -- calls: these tests place none ------------------------------------------------
-
-    @property
-    def free_call_slots(self) -> int:
-        return 0
-
-    def answer(self, leg: int, code: int, contact: str | None = None, retry_after: int | None = None) -> None:
-        raise StackError(f"the fake stack has no call leg {leg}")
-
-    def hangup(self, leg: int, code: int = 0) -> None:
-        raise StackError(f"the fake stack has no call leg {leg}")
-
-    def make_call(
-        self, dest_uri: str, from_uri: str | None, media_address: str | None = None, target: str | None = None
-    ) -> tuple[int, str]:
-        raise NoCallSlotError("the fake stack places no calls")
-
-    def bridge(self, a: int, b: int) -> bool:
-        return False
-
-    def send_dtmf(self, leg: int, digit: str, method: str, duration_ms: int = 0) -> None:
-        raise StackError(f"the fake stack has no call leg {leg}")
-
-    def release(self, leg: int) -> None:
-        pass
 
     def add_account(self, spec: AccountSpec, route: str | None = None) -> None:
         if spec.key in self.mine:

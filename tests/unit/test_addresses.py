@@ -12,7 +12,7 @@ from agent import addresses
 from agent.addresses import advertised_for, route_source
 from agent.cli import main
 from agent.config import ConfigError, SipSettings, load_settings
-from agent.supervisor.specs import account_spec, route, transport_address
+from agent.supervisor.specs import EdgeRecords
 from tests.unit.test_config import GOOD, write
 
 
@@ -58,24 +58,28 @@ def test_an_unknown_peer_leaves_it_to_the_stack_rather_than_guess(monkeypatch: p
     assert "stack" in adv.why
 
 
-def test_specs_force_a_contact_only_where_the_transport_would_say_otherwise(tmp_path: Path) -> None:
+def test_every_contact_names_the_edge_with_the_address_its_peer_is_told(tmp_path: Path) -> None:
     data = json.loads(json.dumps(GOOD))
     data["sip"] = {"bind": "0.0.0.0", "external_signaling_address": "127.0.0.5", "local_nets": ["10.0.0.0/8"]}
     data["connections"][0]["internal_uac_settings"] = {"destination_uri": "1006@127.0.0.1:5999"}
-    data["connections"][0]["external_uac_settings"].update(proxy="sip:127.0.0.1:5060", outbound_proxy=None)
+    data["connections"][0]["external_uac_settings"].update(
+        proxy="sip:127.0.0.1:5060", outbound_proxy=None, transport="UDP"
+    )
     settings = load_settings(write(tmp_path, data))
     conn = settings.connections[0]
-    assert transport_address(settings.sip) == "127.0.0.5"  # Via of every transport
-    acc = account_spec(conn, settings.sip)
-    assert acc.contact_host is None  # the transport already says 127.0.0.5
-    assert acc.media_address == "127.0.0.5"
-    r = route(conn, settings.sip)
-    assert (r.leg_b_host, r.leg_b_media) == ("127.0.0.5", "127.0.0.5")
+    ext = conn.external_uac_settings
+    assert ext is not None
+    records = EdgeRecords(settings)
+    acc, rec = records.both(conn)
+    line = f";line={conn.connection_id}"
+    assert acc.contact == f"<sip:{ext.username}@127.0.0.5:{settings.sip.port}{line}>"
+    assert (rec.pbx_address, rec.dest_address) == ("127.0.0.5", "127.0.0.5")
+    assert rec.pbx_record_route == f"127.0.0.5:{settings.sip.port}"
     data["sip"] = {"bind": "0.0.0.0"}
     settings = load_settings(write(tmp_path, data))
-    acc = account_spec(settings.connections[0], settings.sip)
-    assert transport_address(settings.sip) is None  # the stack's choice for Via
-    assert acc.contact_host == "127.0.0.1"  # what routes to this PBX
+    acc, rec = EdgeRecords(settings).both(settings.connections[0])
+    assert acc.contact == f"<sip:{ext.username}@127.0.0.1:{settings.sip.port}{line}>"  # what routes to this PBX
+    assert "0.0.0.0" not in acc.contact and rec.pbx_address == "127.0.0.1"
 
 
 @pytest.mark.parametrize(

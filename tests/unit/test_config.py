@@ -13,7 +13,6 @@ import pytest
 
 from agent.cli import main
 from agent.config import AgentSettings, ConfigError, load_settings
-from agent.worker.stack import LIMITS
 
 GOOD = {
     "sip": {"bind": "127.0.0.1", "port": 5070},
@@ -182,70 +181,78 @@ def test_connections_up_to_the_host_limit_are_valid(tmp_path: Path) -> None:
     ]
 
 
-def test_worker_ports_follow_the_worker_index(tmp_path: Path) -> None:
+def test_worker_ports_are_loopback_ports_after_the_edges_own(tmp_path: Path) -> None:
     data = json.loads(json.dumps(GOOD))
     data["workers"] = {"max_workers": 10, "connections_per_worker": 3}
     s = load_settings(write(tmp_path, data))
     assert s.workers.max_connections == 30  # what 10 workers of 3 hold, when not set
-    assert [s.worker_sip_port(k) for k in (0, 9)] == [5070, 5079]
-    assert [s.worker_tls_port(k) for k in (0, 9)] == [5080, 5089]  # by default right after the UDP/TCP range
-    assert s.worker_rtp_ports(0) == (40000, 1000) and s.worker_rtp_ports(9) == (49000, 1000)
+    first = s.edge.loopback_port
+    assert [s.worker_sip_port(k) for k in (0, 9)] == [first + 10, first + 19]  # after the edge's own 10
+    assert s.tls_target_ports == (first + 20, 256)  # then one per TLS target
 
 
 @pytest.mark.parametrize(
-    ("sip", "workers", "expected"),
+    ("sip", "edge", "expected"),
     [
         (
-            {"port": 5070, "tls_port": 5071},
-            {"max_workers": 4},
-            "sip.tls_port: the workers' TLS ports 5071-5074 overlap their UDP/TCP ports 5070-5073 "
-            "(4 workers (workers.max_workers), one port each): set sip.tls_port to 5074 or more, or leave it unset",
-        ),
-        (
-            {"port": 65500},
+            {"port": 5070, "tls_port": 5070, "tls_cert_file": "{cert}", "tls_key_file": "{key}"},
             {},
-            "sip.port: the workers' UDP/TCP ports 65500-65642 pass 65535 (143 workers (workers.max_workers), one "
-            "port each): lower sip.port or workers.max_workers",
+            "sip.tls_port: 5070 is sip.port already: choose another port for TLS",
         ),
         (
-            {"port": 5070, "tls_port": 65530},
-            {"max_workers": 10},
-            "sip.tls_port: the workers' TLS ports 65530-65539 pass 65535 (10 workers (workers.max_workers), one "
-            "port each): lower sip.tls_port or workers.max_workers",
-        ),
-        (
-            {"rtp_port_range": 1000},
             {},
-            "sip.rtp_port_range: 1000 ports give each of the 143 workers 6, and a worker needs 8 (RTP and RTCP "
-            "for 4 call legs): set it to 1144 or more",
+            {"loopback_port": 65000, "tls_targets": 1000},
+            "edge.loopback_port: the loopback ports 65000-66152 (the edge's 10, 143 workers (workers.max_workers), "
+            "1000 TLS targets (edge.tls_targets)) pass 65535: lower edge.loopback_port",
+        ),
+        (
+            {"port": 25100},
+            {},
+            "sip.port: 25100 is one of the edge's loopback ports 25060-25468: move edge.loopback_port",
+        ),
+        (
+            {"rtp_port": 25000, "rtp_port_range": 200},
+            {},
+            "sip.rtp_port: RTP ports 25000-25199 overlap the edge's loopback ports 25060-25468",
         ),
         (
             {"rtp_port": 5000, "rtp_port_range": 200},
-            {"max_workers": 4},
-            "sip.rtp_port: RTP ports 5000-5199 overlap the workers' UDP/TCP ports 5070-5073",
-        ),
-        (
             {},
+            "sip.rtp_port: RTP ports 5000-5199 include sip.port 5070",
+        ),
+    ],
+)
+def test_port_ranges_that_do_not_fit_are_refused_with_one_line(
+    tmp_path: Path, sip: dict[str, Any], edge: dict[str, Any], expected: str
+) -> None:
+    data = json.loads(json.dumps(GOOD))
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("x")
+    key.write_text("x")
+    data["sip"].update({k: str(v).format(cert=cert, key=key) if isinstance(v, str) else v for k, v in sip.items()})
+    data["edge"] = edge
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, data))
+    assert e.value.problems == [expected]
+
+
+def test_workers_that_cannot_hold_max_connections_are_refused(tmp_path: Path) -> None:
+    for workers, expected in (
+        (
             {"max_workers": 10, "max_connections": 100},
             "workers: max_workers (10) x connections_per_worker (7) cannot hold max_connections (100): raise "
             "max_workers or leave it unset",
         ),
         (
-            {},
             {"connections_per_worker": 8},
             "workers.connections_per_worker: Input should be less than or equal to 7 (got 8)",
         ),
-    ],
-)
-def test_worker_ranges_that_do_not_fit_are_refused_with_one_line(
-    tmp_path: Path, sip: dict[str, Any], workers: dict[str, Any], expected: str
-) -> None:
-    data = json.loads(json.dumps(GOOD))
-    data["sip"].update(sip)
-    data["workers"] = workers
-    with pytest.raises(ConfigError) as e:
-        load_settings(write(tmp_path, data))
-    assert e.value.problems == [expected]
+    ):
+        data = json.loads(json.dumps(GOOD))
+        data["workers"] = workers
+        with pytest.raises(ConfigError) as e:
+            load_settings(write(tmp_path, data))
+        assert e.value.problems == [expected]
 
 
 def test_duplicate_connection_id(tmp_path: Path) -> None:
@@ -330,7 +337,7 @@ def test_forwarding_settings(tmp_path: Path) -> None:
     assert [str(n) for n in internal.allowed_sources] == ["192.0.2.0/24", "2001:db8::1/128"]
     assert internal.ring_timeout_sec == 60 and internal.max_calls is None
     assert internal.destination_sip_uri is not None and internal.destination_sip_uri.startswith("sip:")
-    assert s.sip.max_calls == LIMITS.bridged_calls == 2
+    assert s.sip.max_calls == 1000  # the whole agent's calls at once (the edge carries them)
 
 
 @pytest.mark.parametrize(
@@ -339,7 +346,8 @@ def test_forwarding_settings(tmp_path: Path) -> None:
         ({"forward_mode": "proxy"}, "forward_mode"),
         ({"allowed_sources": ["10.0.0.0/33"]}, "allowed_sources"),
         ({"ring_timeout_sec": 0}, "ring_timeout_sec"),
-        ({"max_calls": 3}, "max_calls"),
+        ({"max_calls": 0}, "max_calls"),
+        ({"max_calls": 100_001}, "max_calls"),
         ({"destination_uri": "not a uri"}, "destination_uri"),
     ],
 )

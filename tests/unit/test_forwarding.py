@@ -1,24 +1,30 @@
-"""The forwarding rules (agent.core.forwarding): no SIP stack, no sockets."""
+"""The forwarding rules (agent.core.forwarding) and the edge's records and events
+(agent.edge.messages): no SIP stack, no sockets."""
 
 from __future__ import annotations
 
-import ipaddress
+import json
 
 import pytest
 
 from agent.core.forwarding import (
-    Action,
-    BridgeCall,
-    BridgeState,
     CallResult,
-    IllegalCallEventError,
-    Kind,
+    call_sources,
     caller_identity,
-    leg_b_from_uri,
+    final_outcome,
     line_of,
     request_uri,
     result_for_code,
-    source_allowed,
+)
+from agent.edge.messages import (
+    CallEnded,
+    CallFinal,
+    CallRejected,
+    CallStarted,
+    EdgeConnection,
+    EdgeEventError,
+    TcpClosed,
+    parse_event,
 )
 
 INVITE = (
@@ -39,14 +45,14 @@ def test_request_uri_and_line() -> None:
     assert request_uri("garbage") == ""
 
 
-def test_source_allowed() -> None:
-    cidrs = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]
-    assert source_allowed("192.0.2.5", {"192.0.2.5"}, [])
-    assert not source_allowed("192.0.2.6", {"192.0.2.5"}, [])
-    assert source_allowed("10.1.2.3", set(), cidrs)
-    assert source_allowed("[2001:db8::1]", set(), cidrs)
-    assert not source_allowed("11.0.0.1", {"not-an-ip"}, cidrs)
-    assert not source_allowed("", {"192.0.2.5"}, cidrs)
+def test_call_sources_are_host_cidrs_of_the_pbx_and_the_allowed_networks() -> None:
+    assert call_sources(["192.0.2.5", "[2001:db8::1]", "pbx.example.com"], ["10.1.0.0/16"]) == (
+        "192.0.2.5/32",
+        "2001:db8::1/128",
+        "10.1.0.0/16",
+    )
+    assert call_sources(["192.0.2.5", "192.0.2.5"], ["192.0.2.5/32"]) == ("192.0.2.5/32",)  # once each
+    assert call_sources([], []) == ()  # nobody may call
 
 
 @pytest.mark.parametrize(
@@ -64,13 +70,6 @@ def test_caller_identity(value: str, expected: tuple[str, str]) -> None:
     assert caller_identity(value) == expected
 
 
-def test_leg_b_from_uri_carries_caller_and_sanitises() -> None:
-    assert leg_b_from_uri("Alice", "1000", "127.0.0.1", "uac-agent") == '"Alice" <sip:1000@127.0.0.1>'
-    assert leg_b_from_uri("", "", "h", "uac-agent") == "<sip:uac-agent@h>"
-    assert leg_b_from_uri('x"\r\nEvil: 1', "1000", "h", "a") == '"xEvil: 1" <sip:1000@h>'
-    assert leg_b_from_uri("", "bad user>", "h", "a") == "<sip:a@h>"
-
-
 def test_result_for_code() -> None:
     assert result_for_code(486) is CallResult.BUSY
     assert result_for_code(600) is CallResult.BUSY
@@ -78,75 +77,81 @@ def test_result_for_code() -> None:
     assert result_for_code(404) is CallResult.FAILED
 
 
-def test_answered_call_answers_leg_a_only_when_leg_b_answers() -> None:
-    b = BridgeCall(started_at=0.0, ring_timeout_sec=60)
-    assert b.b_progress(100, early_media=False) == []
-    assert b.b_progress(180, early_media=False) == [Action(Kind.ANSWER_A, 180)]
-    assert b.b_progress(180, early_media=False) == []  # relayed once
-    assert b.b_progress(183, early_media=True) == [Action(Kind.ANSWER_A, 183)]
-    assert b.state is BridgeState.EARLY
-    assert b.b_answered(now=1.5) == [Action(Kind.ANSWER_A, 200)]
-    assert (b.state, b.answered_at, b.code) == (BridgeState.ANSWERED, 1.5, 200)
-    assert b.b_progress(180, early_media=False) == []  # late provisional: ignored
-    assert b.a_ended() == [Action(Kind.HANGUP_B)]
-    assert (b.state, b.result) == (BridgeState.ENDED, CallResult.ANSWERED)
-    assert b.b_ended() == []  # leg B's own end afterwards is expected
-
-
-def test_bye_from_destination_ends_leg_a() -> None:
-    b = BridgeCall(started_at=0.0, ring_timeout_sec=60)
-    b.b_answered(now=1.0)
-    assert b.b_ended() == [Action(Kind.HANGUP_A)]
-    assert b.result is CallResult.ANSWERED
-
-
 @pytest.mark.parametrize(
-    ("code", "relayed", "result"),
+    ("code", "by", "result", "relayed"),
     [
-        (486, 486, CallResult.BUSY),
-        (404, 404, CallResult.FAILED),
-        (603, 603, CallResult.DECLINED),
-        (503, 503, CallResult.FAILED),
-        (408, 408, CallResult.FAILED),
-        (0, 480, CallResult.FAILED),  # no response at all
-        (487, 480, CallResult.FAILED),  # cancelled, but not by the PBX
-        (200, 500, CallResult.FAILED),  # nonsense from the stack
+        (200, "destination", CallResult.ANSWERED, 200),
+        (486, "destination", CallResult.BUSY, 486),
+        (404, "destination", CallResult.FAILED, 404),
+        (603, "destination", CallResult.DECLINED, 603),
+        (503, "destination", CallResult.FAILED, 503),
+        (0, "destination", CallResult.FAILED, 480),  # no response at all
+        (487, "destination", CallResult.FAILED, 480),  # cancelled, but not by the PBX
+        (0, "pbx_cancel", CallResult.CANCELLED, 487),
+        (0, "ring_timeout", CallResult.NO_ANSWER, 480),
+        (500, "edge", CallResult.FAILED, 500),
     ],
 )
-def test_leg_b_failure_is_relayed(code: int, relayed: int, result: CallResult) -> None:
-    b = BridgeCall(started_at=0.0, ring_timeout_sec=60)
-    assert b.b_failed(code) == [Action(Kind.REJECT_A, relayed)]
-    assert (b.state, b.result, b.code) == (BridgeState.ENDED, result, relayed)
+def test_final_outcome(code: int, by: str, result: CallResult, relayed: int) -> None:
+    assert final_outcome(code, by) == (result, relayed)
 
 
-def test_cancel_from_pbx_cancels_leg_b() -> None:
-    b = BridgeCall(started_at=0.0, ring_timeout_sec=60)
-    b.b_progress(180, early_media=False)
-    assert b.a_ended() == [Action(Kind.HANGUP_B)]
-    assert (b.result, b.code) == (CallResult.CANCELLED, 487)
-    assert b.b_failed(487) == []  # leg B's 487 that follows is not relayed again
+def record(**kw: object) -> EdgeConnection:
+    base: dict[str, object] = {
+        "line": "c-1",
+        "connection_id": "c-1",
+        "transport": "TCP",
+        "mode": "bridge",
+        "destination": "sip:1006@127.0.0.1:5999",
+        "targets": ("sip:127.0.0.1:5999", "sip:127.0.0.2:5999"),
+        "ring_timeout_sec": 30,
+        "max_calls": 5,
+        "sources": ("127.0.0.1/32", "10.0.0.0/8"),
+        "pbx_address": "127.0.0.1",
+        "pbx_record_route": "127.0.0.1:5060;transport=tcp",
+        "dest_address": "127.0.0.1",
+        "pbx_media": "loc",
+        "dest_media": "loc",
+        "from_user": "601",
+    }
+    base.update(kw)
+    return EdgeConnection(**base)  # type: ignore[arg-type]
 
 
-def test_ring_timeout() -> None:
-    b = BridgeCall(started_at=10.0, ring_timeout_sec=60)
-    assert b.ring_deadline == 70.0
-    assert b.poll(69.9) == []
-    assert b.poll(70.0) == [Action(Kind.HANGUP_B), Action(Kind.REJECT_A, 480)]
-    assert (b.result, b.code, b.ring_deadline) == (CallResult.NO_ANSWER, 480, None)
-    assert b.poll(100.0) == []
+def test_edge_record_is_the_layout_routes_cfg_reads() -> None:
+    fields = record().encode().split("|")
+    assert len(fields) == 14  # route CONN reads fields 0..13
+    assert fields[:3] == ["c-1", "tcp", "bridge"]
+    assert fields[4] == "sip:127.0.0.1:5999,sip:127.0.0.2:5999"
+    assert fields[5] == "30000"  # ring timeout in ms
+    assert fields[6] == "5"
+    assert fields[13] == "601"
+    assert record(max_calls=None).encode().split("|")[6] == "0"  # 0: no per-connection limit
 
 
-def test_no_ring_timeout_once_answered() -> None:
-    b = BridgeCall(started_at=0.0, ring_timeout_sec=5)
-    b.b_answered(now=1.0)
-    assert b.ring_deadline is None
-    assert b.poll(1000.0) == []
+@pytest.mark.parametrize("bad", [{"destination": "sip:a|b@h"}, {"from_user": "x\ny"}, {"targets": ("sip:a,b",)}])
+def test_edge_record_refuses_what_would_break_its_layout(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=r"cannot be handed to the edge|holds ','"):
+        record(**bad).encode()
 
 
-def test_illegal_events_raise() -> None:
-    b = BridgeCall(started_at=0.0, ring_timeout_sec=60)
-    with pytest.raises(IllegalCallEventError):
-        b.b_ended()  # a BYE from leg B before it answered is not a thing
-    b.b_answered(now=0.5)
-    with pytest.raises(IllegalCallEventError):
-        b.b_failed(486)  # a failure after the answer
+def event(**kw: object) -> bytes:
+    return json.dumps(kw).encode()
+
+
+def test_edge_events_are_typed_values() -> None:
+    ev = parse_event(event(ev="start", cid="c-1", ci="abc", t="12.5", src="127.0.0.1", ruri="sip:x;line=c-1"))
+    assert ev == CallStarted("c-1", "abc", "127.0.0.1", "", "sip:x;line=c-1", 12.5)
+    ev = parse_event(event(ev="rejected", cid="", method="SUBSCRIBE", reason="method_not_allowed", code=405))
+    assert isinstance(ev, CallRejected) and (ev.method, ev.code, ev.reason) == ("SUBSCRIBE", 405, "method_not_allowed")
+    assert parse_event(event(ev="final", cid="c", ci="x", code="486", by="destination", t="2", t0="1")) == CallFinal(
+        "c", "x", 486, "destination", 2.0, 1.0
+    )
+    assert parse_event(event(ev="end", cid="c", ci="x", t="3", t0="1")) == CallEnded("c", "x", 3.0, 1.0)
+    assert parse_event(event(ev="tcp_closed", ip="127.0.0.1", port=5060)) == TcpClosed("127.0.0.1", 5060)
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[1]", json.dumps({"ev": "nonsense"}).encode(), b"\xff"])
+def test_anything_else_on_the_event_stream_is_refused(raw: bytes) -> None:
+    with pytest.raises(EdgeEventError):
+        parse_event(raw)

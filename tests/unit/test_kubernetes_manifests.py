@@ -140,18 +140,40 @@ class AgentPod:
         return int(named[0])
 
     def sip_ports(self) -> set[tuple[int, str]]:
-        """(port, protocol) of every worker's SIP transports, from the loaded settings."""
-        s, out = self.settings, set()
-        for k in range(s.max_workers):
-            out |= {(s.worker_sip_port(k), "UDP"), (s.worker_sip_port(k), "TCP"), (s.worker_tls_port(k), "TCP")}
+        """(port, protocol) of the edge's public SIP listeners, from the loaded settings: UDP and TCP
+        on sip.port, and TLS (TCP) on sip.tls_port only when a certificate and key are configured."""
+        sip = self.settings.sip
+        out = {(sip.port, "UDP"), (sip.port, "TCP")}
+        if sip.tls_server:
+            out.add((sip.effective_tls_port, "TCP"))
         return out
 
-    def rtp_ports(self) -> set[tuple[int, str]]:
-        out = set()
-        for k in range(self.settings.max_workers):
-            first, n = self.settings.worker_rtp_ports(k)
-            out |= {(p, "UDP") for p in range(first, first + n)}
-        return out
+    @property
+    def rtp_range(self) -> tuple[int, int]:
+        """First and last UDP port of rtpengine's media range."""
+        sip = self.settings.sip
+        return sip.rtp_port, sip.rtp_port + sip.rtp_port_range - 1
+
+    @property
+    def loopback_range(self) -> tuple[int, int]:
+        """First and last of the loopback ports the edge and the workers use (never declared)."""
+        first, count = self.settings.tls_target_ports
+        return self.settings.edge.loopback_port, first + count - 1
+
+    def runtime_dir(self) -> PurePosixPath:
+        """Where agent/edge/layout.py's runtime_dir() puts the edge's files in this container:
+        edge.runtime_dir, else $RUNTIME_DIRECTORY/edge, else a new folder in the temporary one."""
+        if self.settings.edge.runtime_dir is not None:
+            return PurePosixPath(self.settings.edge.runtime_dir)
+        env = {e["name"]: e.get("value", "") for e in self.container.get("env", [])}
+        if env.get("RUNTIME_DIRECTORY"):
+            return PurePosixPath(env["RUNTIME_DIRECTORY"].split(":")[0]) / "edge"
+        return PurePosixPath(env.get("TMPDIR") or "/tmp")
+
+    def mount_holding(self, path: PurePosixPath) -> dict[str, Any] | None:
+        """The volume mount ``path`` lies in (the deepest one), if any."""
+        holding = [m for m in self.mounts.values() if path.is_relative_to(m["mountPath"])]
+        return max(holding, key=lambda m: len(PurePosixPath(m["mountPath"]).parts), default=None)
 
 
 def _agent_files() -> list[Path]:
@@ -320,26 +342,46 @@ def test_volumes_config_and_secrets_read_only_store_and_tmp_writable(pod: AgentP
         assert "emptyDir" in volume or "persistentVolumeClaim" in volume or name in pod.claim_templates
     if pod.workload["kind"] == "StatefulSet":
         assert mounts[str(PurePosixPath(store).parent)]["name"] in pod.claim_templates, "the store persists"
+    # The edge (Kamailio, rtpengine, HAProxy) writes its configs and sockets to its runtime directory.
+    rundir = pod.runtime_dir()
+    mount = pod.mount_holding(rundir)
+    assert mount is not None, f"edge runtime directory {rundir} needs a writable volume (read-only root filesystem)"
+    assert not mount.get("readOnly", False), f"{rundir} is on a read-only mount"
+    assert "emptyDir" in pod.volumes.get(mount["name"], {}), f"{rundir}: an emptyDir (nothing of it outlives the pod)"
 
 
 def test_container_ports_are_exactly_the_configs_ports(pod: AgentPod) -> None:
     ports = pod.container["ports"]
     declared = [(p["containerPort"], p.get("protocol", "TCP")) for p in ports]
     assert len(declared) == len(set(declared))
-    want = pod.sip_ports() | pod.rtp_ports() | {(pod.http_port, "TCP")}
-    assert len(want) == 3 * pod.settings.max_workers + pod.settings.sip.rtp_port_range + 1
+    want = pod.sip_ports() | {(pod.http_port, "TCP")}
+    assert len(want) == 2 + pod.settings.sip.tls_server + 1
     assert set(declared) == want, (
         f"missing {sorted(want - set(declared))}, not in the config {sorted(set(declared) - want)}"
     )
-    # Names: valid, unique in the pod; the SIP ones say which worker.
+    # Names: valid, unique in the pod; the SIP ones say which transport.
     names = [p["name"] for c in pod.spec["containers"] for p in c.get("ports", [])]
     assert len(names) == len(set(names)) and all(_PORT_NAME.match(n) for n in names), names
     by_name = {p["name"]: (p["containerPort"], p.get("protocol", "TCP")) for p in ports}
-    for k in range(pod.settings.max_workers):
-        assert by_name[f"sip-udp-{k}"] == (pod.settings.worker_sip_port(k), "UDP")
-        assert by_name[f"sip-tcp-{k}"] == (pod.settings.worker_sip_port(k), "TCP")
-        assert by_name[f"sip-tls-{k}"] == (pod.settings.worker_tls_port(k), "TCP")
+    sip = pod.settings.sip
+    assert by_name["sip-udp"] == (sip.port, "UDP")
+    assert by_name["sip-tcp"] == (sip.port, "TCP")
+    if sip.tls_server:
+        assert by_name["sip-tls"] == (sip.effective_tls_port, "TCP")
+    else:
+        assert "sip-tls" not in by_name, "no TLS listener without sip.tls_cert_file and sip.tls_key_file"
     assert by_name["http"] == (pod.http_port, "TCP")
+    # rtpengine's media range is not listed (informational, and hundreds of ports), and no
+    # port of any container lies in it or among the loopback ports of the edge and workers.
+    every = {(p["containerPort"], p.get("protocol", "TCP")) for c in pod.spec["containers"] for p in c.get("ports", [])}
+    rtp_first, rtp_last = pod.rtp_range
+    assert not [p for p in every if rtp_first <= p[0] <= rtp_last], f"RTP {rtp_first}-{rtp_last} is not declared"
+    lo_first, lo_last = pod.loopback_range
+    assert not [p for p in every if lo_first <= p[0] <= lo_last], f"loopback ports {lo_first}-{lo_last}"
+    # The range holds about 4 ports (RTP + RTCP on each side) for every call the agent admits,
+    # and the manifest says where it is.
+    assert sip.rtp_port_range >= 4 * sip.max_calls, "rtpengine would run out of ports before sip.max_calls"
+    assert f"{rtp_first}-{rtp_last}" in pod.path.read_text(), "the comments name the RTP range"
     # One network namespace: no two containers declare the same port.
     others = {
         (p["containerPort"], p.get("protocol", "TCP"))
@@ -413,11 +455,17 @@ def test_services_expose_the_sip_ports_and_http_of_the_pod(pod: AgentPod) -> Non
         assert svc["spec"]["selector"].items() <= pod.workload["spec"]["selector"]["matchLabels"].items()
         ports = {(p["port"], p.get("protocol", "TCP")) for p in svc["spec"]["ports"]}
         for p in svc["spec"]["ports"]:
-            assert p["targetPort"] == p["port"], "a Contact names the worker's own port"
+            assert p["targetPort"] == p["port"], "a Contact names the edge's own port"
         assert ports <= container_ports
         assert (pod.http_port, "TCP") in ports
         if svc["spec"].get("clusterIP") != "None":
             assert pod.sip_ports() <= ports, f"missing {sorted(pod.sip_ports() - ports)}"
+            by_name = {p["name"]: (p["port"], p.get("protocol", "TCP")) for p in svc["spec"]["ports"]}
+            sip = pod.settings.sip
+            assert by_name["sip-udp"] == (sip.port, "UDP")
+            assert by_name["sip-tcp"] == (sip.port, "TCP")
+            if sip.tls_server:
+                assert by_name["sip-tls"] == (sip.effective_tls_port, "TCP")
 
 
 def test_worker_count_follows_from_the_connection_limit(pod: AgentPod) -> None:

@@ -60,7 +60,7 @@ def test_connections_fill_workers_in_order_and_an_emptied_worker_stops(tmp_path:
         assert len({st[c].worker_pid for c in ids}) == 1  # threads of this process here
         assert metric(h, "uac_agent_workers") == 3
         assert metric(h, f'uac_agent_connection_worker_info{{connection_id="{ninth}",worker="2"}}') == 1
-        assert out["data"]["fqdn"] == "127.0.0.1:5072"  # worker 2's port: sip.port + 2
+        assert out["data"]["fqdn"] == "127.0.0.1:5070"  # the edge's port (sip.port), whichever worker holds it
         # Worker 2's only connection goes: the worker is stopped; the others are untouched.
         sent = [x for x in h.adapter.sent if x[0] != ninth]
         assert h.call("DELETE", f"{BASE}/{ninth}")[0] == 200

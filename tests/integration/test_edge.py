@@ -1,0 +1,397 @@
+"""The SIP edge as a whole (docs/edge.md): many calls through one connection, connections on
+different workers, what the edge refuses, what listens where, and each engine killed.
+
+Real peers on loopback: the lab Kamailio is the PBX (registrar and proxy), SIPp plays the PBX's
+callers and the destination, and RTP ends from lab/rtp.py carry audio.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from lab.hep import HepCollector
+from lab.kamailio import Kamailio, free_port
+from lab.rtp import RtpEndpoint
+from lab.sipp import Sipp, scenario_path, socket_inodes
+from tests.integration import test_forwarding as fw
+from tests.integration.agentproc import AgentProcess
+from tests.integration.conftest import connection, start_kamailio
+from tests.integration.test_forwarding import CallLab, media_of, metric, wait_until
+
+# the PBX and the call lab of the forwarding tests
+pbx_proxy = fw.pbx_proxy
+call_lab = fw.call_lab
+
+
+def _with_port_field(scenario: str, workdir: Path) -> Path:
+    """``scenario`` with its SDP port read from the injection file (one line per call)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / scenario
+    text = scenario_path(scenario).read_text().replace("[$rtp_port]", "[field0]")
+    out.write_text(re.sub(r'(<Global variables="[^"]*)\brtp_port,?', r"\1", text).replace(',"/>', '"/>'))
+    return out
+
+
+def _ports_file(path: Path, ports: list[int]) -> Path:
+    path.write_text("SEQUENTIAL\n" + "".join(f"{p};\n" for p in ports))
+    return path
+
+
+def test_fifty_concurrent_calls_through_one_connection_carry_audio_both_ways(
+    call_lab: Callable[..., CallLab],
+) -> None:
+    """50 calls at once through one connection (no call slots: the edge relays them), each with
+    its own RTP ends on both sides: every call answered, each end hears its own call's other end."""
+    n = 50
+    lab = call_lab(sip={"max_calls": 200})
+    work = lab.workdir / "fifty"
+    pbx_ends = [RtpEndpoint(free_port(), 0x10 + k).start() for k in range(n)]
+    dest_ends = [RtpEndpoint(free_port(), 0x80 + k).start() for k in range(n)]
+    try:
+        dest = Sipp(
+            _with_port_field("dest_answer.xml", work),
+            lab.dest_port,
+            variables={"callee": "assistant"},
+            workdir=work / "dest",
+            calls=n,
+            extra_args=["-inf", str(_ports_file(work / "dest.csv", [e.port for e in dest_ends]))],
+        )
+        lab.sipps.append(dest)
+        dest.start()
+        pbx = Sipp(
+            _with_port_field("pbx_call.xml", work),
+            free_port(),
+            variables={"caller": "1000", "sdp_user": "pbx", "ruri_params": ""},
+            workdir=work / "pbx",
+            calls=n,
+            remote=f"127.0.0.1:{lab.kamailio.cfg.port}",
+            service=lab.user,
+            timeout=60,
+            extra_args=[
+                "-inf",
+                str(_ports_file(work / "pbx.csv", [e.port for e in pbx_ends])),
+                "-r",
+                "25",
+                "-l",
+                str(n),
+                "-d",
+                "8000",
+            ],
+        )
+        lab.sipps.append(pbx)
+        pbx.start()
+        wait_until(
+            lambda: len([r for r in pbx.received_responses(200) if r.cseq_method == "INVITE"]) == n, 30, "50 answers"
+        )
+        wait_until(lambda: len(dest.received_requests("INVITE")) == n, 10, "50 INVITEs at the destination")
+        # each call: the PBX's end (by its offer's port) and the destination's (by its answer's)
+        offers = {m.call_id: media_of(m.body)[1] for m in pbx.sent_requests("INVITE")}
+        answers = {m.call_id: media_of(m.body)[1] for m in dest.sent_responses(200) if m.cseq_method == "INVITE"}
+        by_port = {e.port: e for e in (*pbx_ends, *dest_ends)}
+        pairs: list[tuple[RtpEndpoint, RtpEndpoint]] = []
+        for invite in dest.received_requests("INVITE"):
+            a = by_port[offers[invite.call_id]]
+            b = by_port[answers[invite.call_id]]
+            b.send_to(media_of(invite.body))  # the relay's port for leg B
+            pairs.append((a, b))
+        for answer in pbx.received_responses(200):
+            if answer.cseq_method == "INVITE":
+                by_port[offers[answer.call_id]].send_to(media_of(answer.body))  # ... for leg A
+        assert len(pairs) == n
+        wait_until(
+            lambda: all(a.count_of(b.pattern) > 10 and b.count_of(a.pattern) > 10 for a, b in pairs),
+            15,
+            "audio both ways on every call",
+        )
+        for a, b in pairs:  # nobody hears another call
+            assert set(a.received) <= {b.pattern, 0xFF}, (a.port, a.received)
+            assert set(b.received) <= {a.pattern, 0xFF}, (b.port, b.received)
+        assert pbx.wait(60) == 0, pbx.output()[-2000:]
+    finally:
+        for e in (*pbx_ends, *dest_ends):
+            e.stop()
+    wait_until(
+        lambda: metric(lab.agent, "uac_agent_calls_total", connection_id="c-fwd", result="answered") == n,
+        10,
+        "50 answered calls counted",
+    )
+    assert metric(lab.agent, "uac_agent_calls_active", connection_id="c-fwd") == 0
+
+
+def test_max_calls_of_the_connection_is_enforced_with_486(call_lab: Callable[..., CallLab]) -> None:
+    """``internal_uac_settings.max_calls: 3``: 5 calls at once, 3 answered, 2 refused 486."""
+    lab = call_lab(internal={"max_calls": 3})
+    dest = lab.dest("dest_answer.xml", calls=5)
+    pbx = lab.pbx("pbx_call.xml", calls=5, timeout=30, extra_args=["-r", "20", "-l", "5", "-d", "4000"])
+    assert pbx.wait(40) == 0, pbx.output()[-2000:]
+    dest.stop()
+    finals = sorted(
+        m.status_code or 0
+        for m in pbx.received_responses()
+        if m.cseq_method == "INVITE" and (m.status_code or 0) >= 200
+    )
+    assert finals == [200, 200, 200, 486, 486], finals
+    assert len(dest.received_requests("INVITE")) == 3  # the refused ones never reached it
+    wait_until(
+        lambda: metric(lab.agent, "uac_agent_inbound_rejected_total", connection_id="c-fwd", reason="over_limit") == 2,
+        5,
+        "two over_limit refusals counted",
+    )
+
+
+def test_a_udp_invite_from_the_pbx_address_to_a_tcp_connection_is_refused(call_lab: Callable[..., CallLab]) -> None:
+    """The connection registered over TCP: an INVITE over UDP from the PBX's own address (a
+    loopback alias here, as a forger would use) is refused, and the destination sees nothing."""
+    lab = call_lab(transport="TCP", internal={"allowed_sources": ["127.0.0.0/8"]})
+    dest = lab.dest("dest_answer.xml")
+    s = Sipp(
+        scenario_path("pbx_call.xml"),
+        free_port(),
+        variables={"caller": "1000", "sdp_user": "pbx", "rtp_port": free_port(), "ruri_params": ";line=c-fwd"},
+        workdir=lab.workdir / "forged",
+        remote=f"127.0.0.1:{lab.agent.sip_port}",
+        service=lab.user,
+        host="127.0.0.9",
+        timeout=10,
+    )
+    lab.sipps.append(s)
+    s.start()
+    assert s.wait(20) == 0, s.output()[-2000:]
+    assert [m.status_code for m in s.received_responses(403)] == [403]
+    ev = lab.agent.events("call_rejected")[0]
+    assert ev["reason"] == "wrong_transport" and ev["transport"] == "udp", ev
+    assert dest.received_requests("INVITE") == []
+
+
+def test_a_subscribe_to_the_contact_is_refused(call_lab: Callable[..., CallLab]) -> None:
+    """Out of dialog only INVITE and OPTIONS are taken: a SUBSCRIBE from anyone gets 405 and no
+    NOTIFY goes to the Contact it named."""
+    lab = call_lab()
+    s = Sipp(
+        scenario_path("pbx_subscribe.xml"),
+        free_port(),
+        variables={"ruri_params": ";line=c-fwd"},
+        workdir=lab.workdir / "subscribe",
+        remote=f"127.0.0.1:{lab.agent.sip_port}",
+        service=lab.user,
+        timeout=10,
+    )
+    lab.sipps.append(s)
+    s.start()
+    assert s.wait(20) == 0, s.output()[-2000:]
+    assert [m.status_code for m in s.received_responses()] == [405]
+    assert "INVITE" in (s.received_responses(405)[0].header("Allow") or "")
+    assert s.received_requests(None) == []  # no NOTIFY
+    ev = lab.agent.events("call_rejected")[0]
+    assert ev["reason"] == "method_not_allowed" and ev["method"] == "SUBSCRIBE", ev
+
+
+def _listening(pids: list[int]) -> set[tuple[str, str, int]]:
+    """(proto, address, port) of every UDP socket and listening TCP socket these processes hold."""
+    inodes = set().union(*(socket_inodes(pid) for pid in pids))
+    out: set[tuple[str, str, int]] = set()
+    for proto in ("udp", "tcp", "udp6", "tcp6"):
+        for line in Path(f"/proc/net/{proto}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[9] not in inodes or (proto.startswith("tcp") and f[3] != "0A"):
+                continue
+            hexip, hexport = f[1].split(":")
+            if len(hexip) == 8:
+                ip = ".".join(str(int(hexip[i : i + 2], 16)) for i in (6, 4, 2, 0))
+            else:
+                ip = "::" if set(hexip) == {"0"} else hexip
+            out.add((proto.rstrip("6"), ip, int(hexport, 16)))
+    return out
+
+
+def test_only_the_edge_listens_on_sip_bind(call_lab: Callable[..., CallLab]) -> None:
+    """``sip.bind`` 127.0.0.7: there, only UDP and TCP on sip.port (and the media relay's ports
+    while a call is up); the workers and the edge's own plumbing are on 127.0.0.1 only."""
+    lab = call_lab(sip={"bind": "127.0.0.7"})
+    assert lab.agent.proc is not None
+    # what stays open: a client's socket of a moment (a DNS query's, the stack probing which
+    # address routes where) binds the wildcard and an ephemeral port, then closes
+    samples = []
+    for _ in range(3):
+        samples.append(_listening([lab.agent.proc.pid, *lab.agent.descendants()]))
+        time.sleep(0.5)
+    socks = samples[0] & samples[1] & samples[2]
+    assert ("tcp", "127.0.0.1", lab.agent.http_port) in socks
+    socks.discard(("tcp", "127.0.0.1", lab.agent.http_port))
+    public = {s for s in socks if s[1] == "127.0.0.7"}
+    assert public == {("udp", "127.0.0.7", lab.agent.sip_port), ("tcp", "127.0.0.7", lab.agent.sip_port)}, socks
+    others = socks - public
+    assert others
+    assert not [s for s in others if s[1] != "127.0.0.1"]  # no wildcard, nothing else
+    workers = {lab.agent.worker_port(k) for k in range(1)}
+    assert {("udp", "127.0.0.1", p) for p in workers} <= others
+
+
+@pytest.fixture(scope="module")
+def two_user_pbx(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Path]) -> Iterator[Kamailio]:
+    k = start_kamailio(tmp_path_factory.mktemp("pbx2"), pki)
+    yield k
+    k.stop()
+
+
+def test_two_connections_on_two_workers_call_at_once(two_user_pbx: Kamailio, tmp_path: Path) -> None:
+    """One connection per worker: both registered by different worker processes, a call to each
+    at the same time reaches each one's own destination."""
+    k = two_user_pbx
+    dests = {"alice": free_port(), "bob": free_port()}
+    conns = []
+    for user, port in dests.items():
+        c = connection(f"c-{user}", f"sip:127.0.0.1:{k.cfg.port}", "UDP", user)
+        c["internal_uac_settings"] = {"destination_uri": f"{user}-app@127.0.0.1:{port}"}
+        conns.append(c)
+    agent = AgentProcess(tmp_path / "agent", conns, workers={"connections_per_worker": 1})
+    sipps: list[Sipp] = []
+    agent.start()
+    try:
+        agent.wait_for(lambda: k.lookup("alice") is not None and k.lookup("bob") is not None, 15, "both bound")
+        assert len(agent.worker_pids()) == 2
+        pids = {c: agent.status(c)["sip_registration_details"]["worker_pid"] for c in ("c-alice", "c-bob")}
+        assert pids["c-alice"] != pids["c-bob"], pids
+        for user, port in dests.items():
+            d = Sipp(
+                scenario_path("dest_answer.xml"),
+                port,
+                variables={"callee": f"{user}-app", "rtp_port": free_port()},
+                workdir=tmp_path / f"dest-{user}",
+            )
+            sipps.append(d)
+            d.start()
+        pbxs = []
+        for user in dests:
+            p = Sipp(
+                scenario_path("pbx_call.xml"),
+                free_port(),
+                variables={"caller": "1000", "sdp_user": "pbx", "rtp_port": free_port(), "ruri_params": ""},
+                workdir=tmp_path / f"pbx-{user}",
+                remote=f"127.0.0.1:{k.cfg.port}",
+                service=user,
+                timeout=20,
+                extra_args=["-d", "2000"],
+            )
+            sipps.append(p)
+            pbxs.append(p)
+            p.start()
+        for p in pbxs:
+            assert p.wait(30) == 0, p.output()[-2000:]
+        for user, d in zip(dests, sipps[:2], strict=True):
+            invites = d.received_requests("INVITE")
+            assert len(invites) == 1 and invites[0].first_line.startswith(f"INVITE sip:{user}-app@"), invites
+        for user in dests:
+            wait_until(
+                lambda u=user: metric(agent, "uac_agent_calls_total", connection_id=f"c-{u}", result="answered") == 1,  # type: ignore[misc]
+                5,
+                f"{user}'s call counted",
+            )
+    finally:
+        for s in sipps:
+            s.stop()
+        agent.kill()
+
+
+def _engine_pid(agent: AgentProcess, name: str) -> int:
+    pids = [p for p, comm in agent.children().items() if comm.startswith(name)]
+    assert pids, (name, agent.children())
+    return pids[0]
+
+
+@pytest.mark.parametrize("engine", ["kamailio", "rtpengine", "haproxy"])
+def test_an_edge_process_killed_is_back_the_binding_stays_and_a_new_call_is_answered(
+    call_lab: Callable[..., CallLab], engine: str
+) -> None:
+    """kill -9 of one engine: the supervisor starts it again (counted), the registration never
+    lapses at the registrar (same Contact, no new REGISTER needed), and a new call is relayed."""
+    lab = call_lab()
+    before = lab.kamailio.lookup(lab.user)
+    assert before is not None
+    old = _engine_pid(lab.agent, engine)
+    killed_at = time.time()
+    os.kill(old, signal.SIGKILL)  # its main process only (Kamailio's children: the supervisor's job)
+    back = lab.agent.events("edge_process_restarted", timeout=15)
+    assert [e["process"] for e in back] == [engine], back
+    wait_until(lambda: metric(lab.agent, "uac_agent_edge_up", process=engine) == 1, 5, f"{engine} up")
+    assert metric(lab.agent, "uac_agent_edge_restarts_total", process=engine) == 1
+    new = _engine_pid(lab.agent, engine)
+    assert new != old
+    # the measured time back (the target is 2 s; BENCHMARKS.md keeps figures, tests assert none)
+    print(f"{engine} back after {time.time() - killed_at:.2f} s (upper bound: the event was read then)")
+    after = lab.kamailio.lookup(lab.user)
+    assert after is not None
+    assert re.findall(r"sip:[^\s>\"]+", after) == re.findall(r"sip:[^\s>\"]+", before), (before, after)
+    assert lab.agent.status("c-fwd")["registered"] is True
+    dest = lab.dest("dest_answer.xml")
+    pbx = lab.pbx("pbx_call.xml", timeout=20)
+    assert pbx.wait(30) == 0, pbx.output()[-2000:]
+    assert [m.status_code for m in pbx.received_responses(200) if m.cseq_method == "INVITE"] == [200]
+    dest.stop()
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 1, 10, "the call counted")
+
+
+def test_hep_capture_gets_both_legs_of_a_call(call_lab: Callable[..., CallLab]) -> None:
+    """``capture.hep_address``: the collector gets the call's INVITE and 200 on both legs (PBX to
+    edge, edge to destination) as HEP3 with the agent's capture id."""
+    collector = HepCollector().start()
+    try:
+        lab = call_lab(capture={"hep_address": collector.address, "hep_id": 4242})
+        dest = lab.dest("dest_answer.xml")
+        pbx = lab.pbx("pbx_call.xml", timeout=20)
+        assert pbx.wait(30) == 0, pbx.output()[-2000:]
+        dest.stop()
+        call_id = pbx.sent_requests("INVITE")[0].call_id
+        wait_until(
+            lambda: len([p for p in collector.sip() if p.first_line.startswith("INVITE ")]) >= 2, 5, "both INVITEs"
+        )
+        ours = [p for p in collector.sip() if f"Call-ID: {call_id}" in p.text]
+        lines = [p.first_line for p in ours]
+        invites = [ln for ln in lines if ln.startswith("INVITE ")]
+        assert any(";line=c-fwd" in ln or f"sip:{lab.user}@" in ln for ln in invites), invites  # leg A
+        assert any(ln.startswith("INVITE sip:1006@") for ln in invites), invites  # leg B
+        assert len([ln for ln in lines if ln.startswith("SIP/2.0 200")]) >= 2, lines  # the answer on both legs
+        assert any(ln.startswith("BYE ") for ln in lines), lines
+        assert {p.capture_id for p in ours} == {4242}
+        assert collector.errors == 0
+    finally:
+        collector.stop()
+
+
+def test_hold_and_resume_from_either_side_and_refer_from_the_destination(call_lab: Callable[..., CallLab]) -> None:
+    """In the dialog, both ways through the edge: the PBX holds (a=sendonly) and resumes, then
+    the destination does; the media relay passes each direction on; the destination's REFER
+    (an assistant handing the caller back to extension 2000) reaches the PBX, and its 202 returns."""
+    lab = call_lab()
+    dest = lab.dest("dest_answer_hold_refer.xml", variables={"refer_to": "2000@pbx.example.com"})
+    pbx = lab.pbx("pbx_call_hold.xml", timeout=30)
+    assert pbx.wait(40) == 0, pbx.output()[-3000:]
+    assert dest.wait(10) == 0, dest.output()[-3000:]
+
+    def direction(body: str) -> str:
+        m = re.search(r"^a=(sendrecv|sendonly|recvonly|inactive)\s*$", body, re.M)
+        assert m is not None, body
+        return m.group(1)
+
+    at_dest = [direction(m.body) for m in dest.received_requests("INVITE")]
+    assert at_dest == ["sendrecv", "sendonly", "sendrecv"], at_dest  # the call, the PBX's hold, resume
+    at_pbx = [direction(m.body) for m in pbx.received_requests("INVITE")]
+    assert at_pbx == ["sendonly", "sendrecv"], at_pbx  # the destination's hold and resume
+    answers_at_pbx = [direction(r.body) for r in pbx.received_responses(200) if r.cseq_method == "INVITE"]
+    assert answers_at_pbx == ["sendrecv", "recvonly", "sendrecv"], answers_at_pbx
+    answers_at_dest = [direction(r.body) for r in dest.received_responses(200) if r.cseq_method == "INVITE"]
+    assert answers_at_dest == ["recvonly", "sendrecv"], answers_at_dest
+    # every offer and answer names the relay, never the other side's own address and port
+    for m in (*dest.received_requests("INVITE"), *pbx.received_requests("INVITE")):
+        assert f"m=audio {media_of(m.body)[1]}" in m.body
+    refers = pbx.received_requests("REFER")
+    assert len(refers) == 1 and "sip:2000@pbx.example.com" in (refers[0].header("Refer-To") or ""), refers
+    assert [r.status_code for r in dest.received_responses(202)] == [202]
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 1, 10, "the call counted")
