@@ -211,7 +211,8 @@ request_route {{
         exit;
     }}
     if (is_method("REGISTER")) {{
-        xlog("L_NOTICE", "REGISTER from $si:$sp proto=$proto to=$tu ci=$ci cseq=$cs exp=$hdr(Expires) t=$TV(Sn)\\n");
+        xlog("L_NOTICE", "REGISTER from $si:$sp proto=$proto to=$tu ci=$ci cseq=$cs "
+             "exp=$hdr(Expires) from=$fu t=$TV(Sn)\\n");
 {tls_log}        if (!pv_www_authenticate("{cfg.realm}", "$sht(creds=>$au)", "0")) {{
             www_challenge("{cfg.realm}", "0");
             exit;
@@ -352,6 +353,11 @@ class Kamailio:
             if m:
                 out.append((float(m.group(3)), m.group(1), int(m.group(2))))
         return out
+
+    def register_froms(self, user: str) -> list[str]:
+        """The From URI of every REGISTER Kamailio received for ``user`` (the AoR in To)."""
+        pat = re.compile(rf"REGISTER from \S+ proto=\S+ to=sips?:{re.escape(user)}@\S+ .* from=(\S+) t=")
+        return [m.group(1) for ln in self.log_path.read_text(errors="replace").splitlines() if (m := pat.search(ln))]
 
     def tls_registers(self, user: str) -> list[str]:
         """The TLS version of every REGISTER for ``user`` that came over TLS (e.g. "TLSv1.3")."""

@@ -106,6 +106,7 @@ class CallBook:
             call_id_a=ev.call_id,
             call_id_b=ev.call_id,
             source=ev.source,
+            transport=ev.transport or None,
             request_uri=ev.request_uri,
             mode="bridge",
             caller=user or None,

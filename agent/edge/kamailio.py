@@ -159,7 +159,9 @@ def render(lay: EdgeLayout, opts: KamailioOptions) -> str:
         f'listen=udp:{LOOPBACK}:{lay.kamailio_port} name "workers"',
         f'listen=tcp:{LOOPBACK}:{lay.kamailio_port}{tcp_adv} name "tcp"',
     ]
-    for alias in sorted({*opts.aliases, opts.advertised, *opts.told} - {pub}):
+    # every address a peer is told, on both ports and any transport: HAProxy owns TCP on the SIP
+    # port and TLS on the TLS port, so a Route naming them over TCP or TLS is the edge too
+    for alias in sorted({*opts.aliases, opts.advertised, *opts.told, *([] if lay.wildcard else [pub])} - {""}):
         lines.append(f"alias={_host(alias)}:{lay.sip_port}")
         lines.append(f"alias={_host(alias)}:{lay.tls_port}")
     lines += [

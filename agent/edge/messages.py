@@ -122,6 +122,7 @@ class CallStarted:
     from_value: str
     request_uri: str
     at: float
+    transport: str = ""  # udp, tcp or tls: what the PBX's INVITE came over
 
 
 @dataclass(frozen=True)
@@ -254,7 +255,7 @@ def parse_event(data: bytes) -> EdgeEvent:
     kind = s("ev")
     cid, ci, at = s("cid"), s("ci"), _time(obj.get("t"))
     if kind == "start":
-        return CallStarted(cid, ci, s("src"), s("from"), s("ruri"), at)
+        return CallStarted(cid, ci, s("src"), s("from"), s("ruri"), at, s("proto"))
     if kind == "rejected":
         return CallRejected(cid, ci, s("method"), s("reason"), i("code"), s("src"), s("proto"), s("ruri"), at)
     if kind == "redirected":

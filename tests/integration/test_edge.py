@@ -395,3 +395,77 @@ def test_hold_and_resume_from_either_side_and_refer_from_the_destination(call_la
     assert len(refers) == 1 and "sip:2000@pbx.example.com" in (refers[0].header("Refer-To") or ""), refers
     assert [r.status_code for r in dest.received_responses(202)] == [202]
     wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 1, 10, "the call counted")
+
+
+def test_a_late_offer_and_an_update_are_anchored_by_the_relay(call_lab: Callable[..., CallLab]) -> None:
+    """An INVITE without SDP: the destination's 200 carries the offer and the PBX's ACK the
+    answer, both rewritten to the relay, and audio crosses both ways; then an UPDATE puts the
+    call on hold (a=sendonly at the destination, a=recvonly back at the PBX)."""
+    lab = call_lab()
+    pbx_rtp = RtpEndpoint(free_port(), fw.PBX_PATTERN).start()
+    dest_rtp = RtpEndpoint(free_port(), fw.DEST_PATTERN).start()
+    try:
+        dest = lab.dest("dest_answer_update.xml", rtp_port=str(dest_rtp.port))
+        pbx = lab.pbx("pbx_call_late_update.xml", rtp_port=pbx_rtp.port, timeout=30)
+        wait_until(lambda: any("m=audio" in r.body for r in pbx.received_responses(200)), 10, "the 200's offer")
+        offer_at_pbx = next(r.body for r in pbx.received_responses(200) if "m=audio" in r.body)
+        relay_for_pbx = media_of(offer_at_pbx)
+        assert relay_for_pbx[1] != dest_rtp.port, offer_at_pbx  # the relay's port, not the destination's
+        pbx_rtp.send_to(relay_for_pbx)
+        wait_until(lambda: any("m=audio" in m.body for m in dest.received_requests("ACK")), 10, "the ACK's answer")
+        answer_at_dest = next(m.body for m in dest.received_requests("ACK") if "m=audio" in m.body)
+        relay_for_dest = media_of(answer_at_dest)
+        assert relay_for_dest[1] != pbx_rtp.port, answer_at_dest
+        dest_rtp.send_to(relay_for_dest)
+        wait_until(
+            lambda: pbx_rtp.count_of(fw.DEST_PATTERN) > 20 and dest_rtp.count_of(fw.PBX_PATTERN) > 20,
+            10,
+            "audio both ways",
+        )
+        assert pbx.wait(30) == 0, pbx.output()[-3000:]
+        assert dest.wait(10) == 0, dest.output()[-3000:]
+    finally:
+        pbx_rtp.stop()
+        dest_rtp.stop()
+    assert dest.received_requests("INVITE")[0].body.strip() == ""  # the late offer reached it as one
+    update = dest.received_requests("UPDATE")
+    assert len(update) == 1 and re.search(r"^a=sendonly", update[0].body, re.M), update
+    assert media_of(update[0].body) == relay_for_dest, update[0].body
+    answer = [r for r in pbx.received_responses(200) if r.cseq_method == "UPDATE"]
+    assert len(answer) == 1 and re.search(r"^a=recvonly", answer[0].body, re.M), answer
+    assert media_of(answer[0].body) == relay_for_pbx, answer[0].body
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 1, 10, "the call counted")
+
+
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+def test_a_call_over_the_registration_flow_is_relayed_both_ways(
+    call_lab: Callable[..., CallLab], pbx_proxy: Kamailio, pki: dict[str, Path], transport: str
+) -> None:
+    """A TCP or TLS PBX (Kamailio; for TLS its tls module), and no TLS listener at the agent (no
+    sip.tls_cert_file): the PBX's INVITE comes back over the connection the registration opened
+    (HAProxy's), is relayed to the destination, and the dialog's ACK and BYE follow the edge's
+    Record-Route the same way (the edge knows HAProxy's ports as its own)."""
+    if transport == "tls":
+        lab = call_lab(
+            transport="TLS", proxy=f"sip:localhost:{pbx_proxy.cfg.tls_port}", sip={"tls_ca_file": str(pki["ca"])}
+        )
+        port = pbx_proxy.cfg.tls_port
+    else:
+        lab = call_lab(transport="TCP")
+        port = pbx_proxy.cfg.port
+    binding = pbx_proxy.lookup(lab.user) or ""
+    assert f"Socket: {transport}:127.0.0.1:{port}" in binding, binding
+    dest = lab.dest("dest_answer.xml")
+    pbx = lab.pbx("pbx_call.xml", timeout=20, extra_args=["-d", "500"])
+    assert pbx.wait(30) == 0, pbx.output()[-2000:]
+    wait_until(lambda: len(dest.received_requests("BYE")) == 1, 10, "the BYE at the destination")
+    dest.stop()
+    assert [(r.status_code, r.cseq_method) for r in pbx.received_responses() if r.status_code >= 200] == [
+        (200, "INVITE"),
+        (200, "BYE"),
+    ], [r.first_line for r in pbx.received_responses()]
+    assert len(dest.received_requests("ACK")) == 1
+    started = lab.agent.events("call_started", 1)
+    assert started and started[0]["connection_id"] == "c-fwd", started
+    assert (started[0]["transport"], started[0]["source"]) == (transport, "127.0.0.1"), started
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 1, 10, "the call counted")

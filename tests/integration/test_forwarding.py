@@ -158,12 +158,12 @@ def call_lab(pbx_proxy: Kamailio, tmp_path: Path) -> Iterator[Callable[..., Call
         dest_params: str = "",
         dest_port: int | None = None,
         transport: str = "UDP",
+        proxy: str | None = None,
         **sections: Any,
     ) -> CallLab:
         dest_port = dest_port or free_port()
-        conn = connection(
-            "c-fwd", f"sip:127.0.0.1:{kamailio.cfg.port}", transport, user, "frank-pw", expiration_sec=expiration_sec
-        )
+        proxy = proxy or f"sip:127.0.0.1:{kamailio.cfg.port}"
+        conn = connection("c-fwd", proxy, transport, user, "frank-pw", expiration_sec=expiration_sec)
         destination = f"1006@127.0.0.1:{dest_port}{dest_params}"
         conn["internal_uac_settings"] = {"destination_uri": destination, **(internal or {})}
         sip_section = {**(sip or {})}

@@ -140,8 +140,10 @@ def event(**kw: object) -> bytes:
 
 
 def test_edge_events_are_typed_values() -> None:
-    ev = parse_event(event(ev="start", cid="c-1", ci="abc", t="12.5", src="127.0.0.1", ruri="sip:x;line=c-1"))
-    assert ev == CallStarted("c-1", "abc", "127.0.0.1", "", "sip:x;line=c-1", 12.5)
+    ev = parse_event(
+        event(ev="start", cid="c-1", ci="abc", t="12.5", src="127.0.0.1", ruri="sip:x;line=c-1", proto="tls")
+    )
+    assert ev == CallStarted("c-1", "abc", "127.0.0.1", "", "sip:x;line=c-1", 12.5, "tls")
     ev = parse_event(event(ev="rejected", cid="", method="SUBSCRIBE", reason="method_not_allowed", code=405))
     assert isinstance(ev, CallRejected) and (ev.method, ev.code, ev.reason) == ("SUBSCRIBE", 405, "method_not_allowed")
     assert parse_event(event(ev="final", cid="c", ci="x", code="486", by="destination", t="2", t0="1")) == CallFinal(
