@@ -217,3 +217,29 @@ def test_a_valid_chain_naming_another_host_is_refused_before_any_register(
         assert agent.terminate() == 0
     finally:
         k.stop()
+
+
+def test_from_user_is_the_register_from_while_to_stays_the_aor(
+    tmp_path: Path, agent_factory: Callable[..., AgentProcess], pki: dict[str, Path]
+) -> None:
+    """``from_user``: the edge writes it into each REGISTER's From (pjsua2 cannot); the binding,
+    the digest and To stay the AoR's; without it the From is the AoR."""
+    k = start_kamailio(tmp_path / "k-from", pki)  # its own: no other test's REGISTERs in its log
+    try:
+        agent = agent_factory(
+            [
+                connection("c-from", f"sip:127.0.0.1:{k.cfg.port}", "UDP", "alice", ext={"from_user": "frontdesk"}),
+                connection("c-plain", f"sip:127.0.0.1:{k.cfg.port}", "TCP", "bob"),
+            ]
+        )
+        agent.wait_for(lambda: agent.http_get("/readyz?registered=all")[0] == 200, 15, "both registered")
+        froms = k.register_froms("alice")
+        assert froms and all(f.startswith("sip:frontdesk@") for f in froms), froms
+        assert "line=c-from" in (k.lookup("alice") or "")
+        plain = k.register_froms("bob")
+        assert plain and all(f.startswith("sip:bob@") for f in plain), plain
+        assert agent.terminate() == 0
+        assert k.lookup("alice") is None  # the unregister, with the same From, was taken too
+        assert all(f.startswith("sip:frontdesk@") for f in k.register_froms("alice"))
+    finally:
+        k.stop()
