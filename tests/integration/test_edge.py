@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 from lab.hep import HepCollector
 from lab.kamailio import Kamailio, free_port
 from lab.rtp import RtpEndpoint
-from lab.sipp import Sipp, scenario_path, socket_inodes
+from lab.sipp import SipMessage, Sipp, scenario_path, socket_inodes
 from tests.integration import test_forwarding as fw
 from tests.integration.agentproc import AgentProcess
 from tests.integration.conftest import connection, start_kamailio
@@ -469,3 +471,42 @@ def test_a_call_over_the_registration_flow_is_relayed_both_ways(
     assert started and started[0]["connection_id"] == "c-fwd", started
     assert (started[0]["transport"], started[0]["source"]) == (transport, "127.0.0.1"), started
     wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 1, 10, "the call counted")
+
+
+def test_past_what_the_media_relay_can_carry_a_call_is_refused_with_503_never_relayed_unanchored(
+    call_lab: Callable[..., CallLab],
+) -> None:
+    """The relay refuses new sessions while the host's CPU is over ``edge.media_max_cpu_percent``
+    (rtpengine's ``--max-cpu``; here 0.01 % with a core kept busy): the PBX gets 503 with
+    Retry-After, the destination sees no INVITE, the refusal is counted and logged."""
+    lab = call_lab(edge={"media_max_cpu_percent": 0.01}, sip={"over_limit_retry_after_sec": 7})
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        dest = lab.dest("dest_answer.xml", calls=10)
+        refused: list[SipMessage] = []
+
+        def one_call() -> bool:
+            # straight to the Contact: a proxy in between (the lab's Kamailio) turns a 503 into 500
+            pbx = lab.pbx("pbx_call.xml", timeout=15, via_kamailio=False)
+            assert pbx.wait(20) == 0, pbx.output()[-2000:]
+            refused.extend(r for r in pbx.received_responses(503) if r.cseq_method == "INVITE")
+            return bool(refused)
+
+        wait_until(one_call, 15, "a call refused by the media relay")
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert refused[0].header("Retry-After") == "7", refused[0].text
+    answered = metric(lab.agent, "uac_agent_calls_total", result="answered")
+    assert len(dest.received_requests("INVITE")) == answered  # the refused call never reached it
+    dest.stop()
+    wait_until(
+        lambda: (
+            metric(lab.agent, "uac_agent_inbound_rejected_total", connection_id="c-fwd", reason="media_unavailable")
+            >= 1
+        ),
+        5,
+        "the refusal counted",
+    )
+    rejected = [e for e in lab.agent.logs() if e.get("event") == "call_rejected"]
+    assert rejected and rejected[-1]["reason"] == "media_unavailable" and rejected[-1]["code"] == 503, rejected
