@@ -7,6 +7,7 @@ callers and the destination, and RTP ends from lab/rtp.py carry audio.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -510,3 +511,52 @@ def test_past_what_the_media_relay_can_carry_a_call_is_refused_with_503_never_re
     )
     rejected = [e for e in lab.agent.logs() if e.get("event") == "call_rejected"]
     assert rejected and rejected[-1]["reason"] == "media_unavailable" and rejected[-1]["code"] == 503, rejected
+
+
+def test_a_reload_reaches_the_edge_live_and_the_call_in_progress_carries_on(call_lab: Callable[..., CallLab]) -> None:
+    """A new destination and max_calls by SIGHUP: handed to the running edge as data (no engine
+    restarted, no new REGISTER needed); the call in progress stays on its destination and ends
+    by its own BYE; the next call goes to the new destination."""
+    lab = call_lab()
+    first = lab.dest("dest_answer.xml")
+    long_call = lab.pbx("pbx_call.xml", timeout=30, extra_args=["-d", "4000"])
+    lab.agent.events("call_started", 1)
+    pids = {e: _engine_pid(lab.agent, e) for e in ("kamailio", "rtpengine", "haproxy")}
+    binding = lab.kamailio.lookup(lab.user)
+    registers = len(lab.kamailio.registers(lab.user))
+
+    new_port = free_port()
+    config = json.loads(lab.agent.config_path.read_text())
+    config["connections"][0]["internal_uac_settings"] = {
+        "destination_uri": f"2000@127.0.0.1:{new_port}",
+        "max_calls": 1,
+    }
+    lab.agent.config_path.write_text(json.dumps(config))
+    assert lab.agent.proc is not None
+    lab.agent.proc.send_signal(signal.SIGHUP)
+    applied = lab.agent.events("reload_applied", 1)
+    assert applied[0]["changed"] == ["c-fwd"], applied
+
+    second = lab.dest("dest_answer.xml", port=new_port, variables={"callee": "2000"})
+    over = lab.pbx("pbx_call.xml", timeout=20)  # the first call still up: max_calls 1 refuses it
+    assert over.wait(30) == 0, over.output()[-2000:]
+    assert [r.status_code for r in over.received_responses() if r.status_code >= 200] == [486]
+    assert long_call.wait(30) == 0, long_call.output()[-2000:]
+    wait_until(lambda: len(first.received_requests("BYE")) == 1, 10, "the first call's BYE at its destination")
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_active", connection_id="c-fwd") == 0, 10, "no call up")
+    after = lab.pbx("pbx_call.xml", timeout=20)
+    assert after.wait(30) == 0, after.output()[-2000:]
+    assert [r.status_code for r in after.received_responses(200) if r.cseq_method == "INVITE"] == [200]
+    invites = second.received_requests("INVITE")
+    assert len(invites) == 1 and invites[0].first_line.startswith("INVITE sip:2000@"), invites
+    assert len(first.received_requests("INVITE")) == 1
+    first.stop()
+    second.stop()
+    assert {e: _engine_pid(lab.agent, e) for e in pids} == pids  # nothing restarted
+    for engine in pids:
+        assert metric(lab.agent, "uac_agent_edge_restarts_total", process=engine) == 0
+    def same(b: str | None) -> list[str]:  # the binding's Contact and Call-ID (not its countdown)
+        return re.findall(r"(?:Contact|Call-ID): \S+", b or "")
+
+    assert same(lab.kamailio.lookup(lab.user)) == same(binding) != []
+    assert len(lab.kamailio.registers(lab.user)) == registers
