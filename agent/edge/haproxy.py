@@ -84,7 +84,12 @@ def render(lay: EdgeLayout, opts: HaproxyOptions) -> str:
             "",
             "frontend sip_tls",
             f"    bind {_host(lay.bind)}:{lay.tls_port} ssl crt {opts.server_pem}",
-            "    default_backend kamailio",
+            "    default_backend kamailio_tls",
+            "",
+            "# Kamailio tells TLS connections by the port they reach it on (the PROXY header's",
+            "# destination port is not usable: Kamailio 5.6 reads it byte-swapped)",
+            "backend kamailio_tls",
+            f"    server kamailio {LOOPBACK}:{lay.kamailio_tls_port} send-proxy-v2",
         ]
     lines += [
         "",

@@ -122,6 +122,7 @@ def render(lay: EdgeLayout, opts: KamailioOptions) -> str:
         f'#!substdef "!SIP_PORT!{lay.sip_port}!g"',
         f'#!substdef "!TLS_PORT!{lay.tls_port}!g"',
         f'#!substdef "!WORKER_PORT!{lay.kamailio_port}!g"',
+        f'#!substdef "!TLS_IN_PORT!{lay.kamailio_tls_port}!g"',
         f'#!substdef "!MAX_CALLS!{opts.max_calls}!g"',
         f'#!substdef "!OVER_CODE!{opts.over_limit_code}!g"',
         f'#!substdef "!RETRY_AFTER!{opts.retry_after_sec}!g"',
@@ -159,6 +160,9 @@ def render(lay: EdgeLayout, opts: KamailioOptions) -> str:
         f'listen=udp:{LOOPBACK}:{lay.kamailio_port} name "workers"',
         f'listen=tcp:{LOOPBACK}:{lay.kamailio_port}{tcp_adv} name "tcp"',
     ]
+    if lay.tls_listen:  # the TLS connections HAProxy accepted on sip.tls_port
+        tls_adv = f" advertise {_host(opts.advertised or pub)}:{lay.tls_port}" if tcp_adv else ""
+        lines.append(f'listen=tcp:{LOOPBACK}:{lay.kamailio_tls_port}{tls_adv} name "tlsin"')
     # every address a peer is told, on both ports and any transport: HAProxy owns TCP on the SIP
     # port and TLS on the TLS port, so a Route naming them over TCP or TLS is the edge too
     for alias in sorted({*opts.aliases, opts.advertised, *opts.told, *([] if lay.wildcard else [pub])} - {""}):

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -440,24 +441,29 @@ def test_a_late_offer_and_an_update_are_anchored_by_the_relay(call_lab: Callable
     wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 1, 10, "the call counted")
 
 
-@pytest.mark.parametrize("transport", ["tcp", "tls"])
-def test_a_call_over_the_registration_flow_is_relayed_both_ways(
+@pytest.mark.parametrize("transport", ["tcp", "tls", "tls-listener"])
+def test_a_call_from_a_tcp_or_tls_pbx_is_relayed_both_ways(
     call_lab: Callable[..., CallLab], pbx_proxy: Kamailio, pki: dict[str, Path], transport: str
 ) -> None:
-    """A TCP or TLS PBX (Kamailio; for TLS its tls module), and no TLS listener at the agent (no
-    sip.tls_cert_file): the PBX's INVITE comes back over the connection the registration opened
-    (HAProxy's), is relayed to the destination, and the dialog's ACK and BYE follow the edge's
-    Record-Route the same way (the edge knows HAProxy's ports as its own)."""
-    if transport == "tls":
-        lab = call_lab(
-            transport="TLS", proxy=f"sip:localhost:{pbx_proxy.cfg.tls_port}", sip={"tls_ca_file": str(pki["ca"])}
-        )
-        port = pbx_proxy.cfg.tls_port
-    else:
+    """A TCP or TLS PBX (Kamailio; for TLS its tls module). Without sip.tls_cert_file the PBX's
+    INVITE comes back over the connection the registration opened (HAProxy's); with it
+    ("tls-listener") HAProxy listens on sip.tls_port with that certificate and the PBX opens a
+    TLS connection of its own to the Contact. Either way the call is relayed to the destination,
+    the dialog's ACK and BYE follow the edge's Record-Route (the edge knows HAProxy's ports as
+    its own), and the edge saw the PBX's real address."""
+    if transport == "tcp":
         lab = call_lab(transport="TCP")
         port = pbx_proxy.cfg.port
+    else:
+        sip: dict[str, Any] = {"tls_ca_file": str(pki["ca"])}
+        if transport == "tls-listener":
+            sip |= {"tls_cert_file": str(pki["cert"]), "tls_key_file": str(pki["key"])}
+        lab = call_lab(transport="TLS", proxy=f"sip:localhost:{pbx_proxy.cfg.tls_port}", sip=sip)
+        port = pbx_proxy.cfg.tls_port
     binding = pbx_proxy.lookup(lab.user) or ""
-    assert f"Socket: {transport}:127.0.0.1:{port}" in binding, binding
+    proto = transport.split("-")[0]
+    assert f"Socket: {proto}:127.0.0.1:{port}" in binding, binding
+    tls_port = lab.agent.tls_port
     dest = lab.dest("dest_answer.xml")
     pbx = lab.pbx("pbx_call.xml", timeout=20, extra_args=["-d", "500"])
     assert pbx.wait(30) == 0, pbx.output()[-2000:]
@@ -470,7 +476,12 @@ def test_a_call_over_the_registration_flow_is_relayed_both_ways(
     assert len(dest.received_requests("ACK")) == 1
     started = lab.agent.events("call_started", 1)
     assert started and started[0]["connection_id"] == "c-fwd", started
-    assert (started[0]["transport"], started[0]["source"]) == (transport, "127.0.0.1"), started
+    assert (started[0]["transport"], started[0]["source"]) == (proto, "127.0.0.1"), started
+    if transport == "tls-listener":  # the PBX dialled the edge's TLS port: a connection of its own
+        # (core.tcp_list: src is the peer; dst_port 0 on a connection the PBX opened itself)
+        conns = pbx_proxy.rpc("core.tcp_list").stdout
+        assert re.search(rf"src_port: {tls_port}\s+dst_ip: \S+\s+dst_port: 0\b", conns), conns
+
     wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 1, 10, "the call counted")
 
 
@@ -555,6 +566,7 @@ def test_a_reload_reaches_the_edge_live_and_the_call_in_progress_carries_on(call
     assert {e: _engine_pid(lab.agent, e) for e in pids} == pids  # nothing restarted
     for engine in pids:
         assert metric(lab.agent, "uac_agent_edge_restarts_total", process=engine) == 0
+
     def same(b: str | None) -> list[str]:  # the binding's Contact and Call-ID (not its countdown)
         return re.findall(r"(?:Contact|Call-ID): \S+", b or "")
 
