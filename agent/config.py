@@ -594,6 +594,11 @@ class WorkerSettings(_Strict):
         return self
 
 
+# The longest path of the edge's control sockets ("<runtime_dir>/supervisor-rpc.sock") must fit
+# a UNIX socket address (107 characters).
+MAX_RUNTIME_DIR_CHARS = 107 - len("/supervisor-rpc.sock")
+
+
 class EdgeSettings(_Strict):
     """The SIP edge the supervisor runs beside its workers (docs/edge.md): Kamailio routes the
     signalling, rtpengine relays the media, HAProxy carries TCP and TLS. Loopback ports from
@@ -609,9 +614,20 @@ class EdgeSettings(_Strict):
     # Kamailio's SIP worker processes (for UDP and for TCP each) and its shared memory.
     sip_processes: Annotated[int, Field(ge=1, le=64)] = 4
     shm_mib: Annotated[int, Field(ge=32, le=8192)] = 128
-    # rtpengine refuses new calls (the PBX gets 503 with Retry-After) once its CPU use passes
-    # this share of one core, before it falls behind and drops packets.
+    # rtpengine refuses new calls (the PBX gets 503 with Retry-After) while the host's CPU use
+    # (all cores, from /proc/stat, as rtpengine's --max-cpu measures it) is over this, before
+    # it falls behind and drops packets.
     media_max_cpu_percent: Annotated[float, Field(gt=0, le=100)] = 90.0
+
+    @field_validator("runtime_dir")
+    @classmethod
+    def _fits_a_socket_path(cls, v: Path | None) -> Path | None:
+        if v is not None and len(str(v)) > MAX_RUNTIME_DIR_CHARS:
+            raise ValueError(
+                f"is {len(str(v))} characters; the edge's control sockets live there and a UNIX "
+                f"socket path holds 107, so at most {MAX_RUNTIME_DIR_CHARS}"
+            )
+        return v
 
 
 class LogSettings(_Strict):

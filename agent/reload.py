@@ -33,7 +33,8 @@ __all__ = [
     "restart_only_changes",
 ]
 
-RESTART_ONLY = ("sip", "http", "log", "store", "workers", "shutdown_timeout_sec")
+# (edge and capture are rendered into the engines' configs once, at start)
+RESTART_ONLY = ("sip", "http", "log", "store", "workers", "edge", "capture", "shutdown_timeout_sec")
 
 
 @dataclass(frozen=True)

@@ -115,4 +115,6 @@ def final_outcome(code: int, by: str) -> tuple[CallResult, int]:
     if 200 <= code < 300:
         return CallResult.ANSWERED, code
     relayed = code if 400 <= code <= 699 and code != 487 else (480 if code in (0, 487) else 500)
+    if code == 503:  # a proxy never relays a 503 (RFC 3261 16.7): the edge answers 500 (routes.cfg)
+        relayed = 500
     return result_for_code(code), relayed

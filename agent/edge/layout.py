@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.addresses import is_wildcard
-from agent.config import EDGE_OWN_PORTS, AgentSettings
+from agent.config import EDGE_OWN_PORTS, MAX_RUNTIME_DIR_CHARS, AgentSettings
 
 __all__ = ["LOOPBACK", "EdgeLayout", "layout_of", "runtime_dir"]
 
@@ -88,16 +88,23 @@ class EdgeLayout:
         return is_wildcard(self.bind)
 
 
-def runtime_dir(settings: AgentSettings) -> Path:
-    """``edge.runtime_dir``, else ``$RUNTIME_DIRECTORY`` (systemd), else a new private temporary one."""
+def runtime_dir(settings: AgentSettings) -> tuple[Path, bool]:
+    """``edge.runtime_dir``, else ``$RUNTIME_DIRECTORY`` (systemd), else a new private temporary
+    one; and whether it is that temporary one (removed when the edge stops)."""
     if settings.edge.runtime_dir is not None:
         path = settings.edge.runtime_dir
     elif os.environ.get("RUNTIME_DIRECTORY"):
         path = Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / "edge"
     else:
-        return Path(tempfile.mkdtemp(prefix="uac-agent-edge-"))
+        path = Path(tempfile.mkdtemp(prefix="uac-agent-edge-"))
+        if len(str(path)) > MAX_RUNTIME_DIR_CHARS:
+            path.rmdir()
+            raise ValueError(f"the temporary directory {path} is too long for the edge's sockets: set edge.runtime_dir")
+        return path, True
+    if len(str(path)) > MAX_RUNTIME_DIR_CHARS:
+        raise ValueError(f"RUNTIME_DIRECTORY {path} is too long for the edge's sockets: set edge.runtime_dir")
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    return path, False
 
 
 def layout_of(settings: AgentSettings, rundir: Path) -> EdgeLayout:

@@ -27,6 +27,7 @@ import asyncio
 import concurrent.futures
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,6 +96,7 @@ class EdgePlan:
     rtpengine_log_level: int
     hep: tuple[str, int] | None = None
     hep_id: int = 2001
+    remove_runtime_dir: bool = False  # a temporary one of our own: removed on stop
 
 
 @dataclass
@@ -190,6 +192,8 @@ class Edge:
                 keeper.wait(2)
             except subprocess.TimeoutExpired:
                 keeper.kill()
+        if self._plan.remove_runtime_dir:  # rendered configs, sockets, the TLS key: none outlive us
+            shutil.rmtree(self._plan.layout.runtime_dir, ignore_errors=True)
 
     def put(self, rec: EdgeConnection) -> None:
         self._soon(self._put, rec)

@@ -40,7 +40,7 @@ def _server_pem(settings: AgentSettings, rundir: Path) -> Path | None:
 
 def plan_edge(settings: AgentSettings, topoh_key: str | None = None) -> tuple[EdgePlan, EdgeRecords]:
     sip = settings.sip
-    rundir = runtime_dir(settings)
+    rundir, temporary = runtime_dir(settings)
     lay = layout_of(settings, rundir)
     media = media_plan(
         sip.effective_rtp_address, sip.external_media_address or sip.external_signaling_address, bool(sip.local_nets)
@@ -74,5 +74,6 @@ def plan_edge(settings: AgentSettings, topoh_key: str | None = None) -> tuple[Ed
         rtpengine_log_level=_RTPENGINE_LEVELS[settings.log.level],
         hep=settings.capture.hep,
         hep_id=settings.capture.hep_id,
+        remove_runtime_dir=temporary,
     )
     return plan, records

@@ -78,7 +78,12 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
         log.error("workers_unavailable", error=str(e))
         store.close()
         return 1
-    plan, records = plan_edge(settings)
+    try:
+        plan, records = plan_edge(settings)
+    except (OSError, ValueError) as e:  # the runtime directory cannot be made or is too long
+        log.error("edge_unavailable", error=str(e))
+        store.close()
+        return 1
     edge = Edge(
         plan,
         metrics,

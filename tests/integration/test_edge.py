@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -572,3 +574,21 @@ def test_a_reload_reaches_the_edge_live_and_the_call_in_progress_carries_on(call
 
     assert same(lab.kamailio.lookup(lab.user)) == same(binding) != []
     assert len(lab.kamailio.registers(lab.user)) == registers
+
+
+def test_a_temporary_runtime_directory_is_removed_on_stop(tmp_path: Path) -> None:
+    """Neither edge.runtime_dir nor $RUNTIME_DIRECTORY: the edge renders its configs (and the
+    TLS key, with a certificate) into a private temporary directory, gone after SIGTERM."""
+    tmp = Path(tempfile.mkdtemp(prefix="t-", dir="/tmp"))  # short: the sockets' paths must fit
+    agent = AgentProcess(tmp_path / "agent", [], edge={"runtime_dir": None})
+    env = {"TMPDIR": str(tmp)}
+    agent.start(env=env)
+    try:
+        made = list(tmp.glob("uac-agent-edge-*"))
+        assert len(made) == 1 and (made[0] / "kamailio.cfg").exists(), made
+        assert oct(made[0].stat().st_mode & 0o777) == "0o700"
+        assert agent.terminate() == 0
+        assert not made[0].exists()
+    finally:
+        agent.kill()
+        shutil.rmtree(tmp, ignore_errors=True)

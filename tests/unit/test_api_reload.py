@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from agent.config import Connection, load_settings
-from agent.reload import diff_connections, reload_from_file
+from agent.config import AgentSettings, Connection, load_settings
+from agent.reload import diff_connections, reload_from_file, restart_only_changes
 from tests.unit.apifakes import EXT, KEY, USER_KEYS, Harness, running_agent
 
 # The reload tests run with room for 9 registering connections (3 workers of 4).
@@ -206,3 +206,12 @@ def test_api_connections_keep_their_ids_after_reload(tmp_path: Path) -> None:
         assert reload_from_file(path, h.service, h.service._log) is True
         h.wait(lambda: h.status("a")["registered"], what="a registered")
         assert h.status(cid)["registered"] is True
+
+
+def test_edge_and_capture_changes_are_reported_as_needing_a_restart() -> None:
+    old = AgentSettings.model_validate({"http": {"api_key": KEY}})
+    new = AgentSettings.model_validate(
+        {"http": {"api_key": KEY}, "edge": {"media_max_cpu_percent": 50}, "capture": {"hep_address": "127.0.0.1:9060"}}
+    )
+    assert restart_only_changes(old, new) == ["edge", "capture"]
+    assert restart_only_changes(old, old) == []

@@ -378,3 +378,15 @@ def test_malformed_json_in_an_environment_variable_exits_2_naming_it(tmp_path: P
     assert lines[0].startswith(f"uac-agent: config error: {name}: not valid JSON (")
     assert "line 1 column" in lines[0]
     assert "pw-in-json-0" not in res.stderr + res.stdout
+
+
+def test_a_runtime_dir_too_long_for_the_edge_sockets_is_refused_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = json.loads(json.dumps(GOOD))
+    data["edge"] = {"runtime_dir": "/run/" + "x" * 90}
+    assert main(["check-config", "--config", str(write(tmp_path, data))]) == 2
+    err = capsys.readouterr().err
+    assert "edge.runtime_dir" in err and "UNIX socket path" in err, err
+    data["edge"] = {"runtime_dir": "/run/uac-agent/edge"}
+    assert main(["check-config", "--config", str(write(tmp_path, data))]) == 0

@@ -84,7 +84,7 @@ def test_result_for_code() -> None:
         (486, "destination", CallResult.BUSY, 486),
         (404, "destination", CallResult.FAILED, 404),
         (603, "destination", CallResult.DECLINED, 603),
-        (503, "destination", CallResult.FAILED, 503),
+        (503, "destination", CallResult.FAILED, 500),  # the PBX gets 500 (RFC 3261 16.7)
         (0, "destination", CallResult.FAILED, 480),  # no response at all
         (487, "destination", CallResult.FAILED, 480),  # cancelled, but not by the PBX
         (0, "pbx_cancel", CallResult.CANCELLED, 487),
