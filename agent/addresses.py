@@ -15,10 +15,9 @@ Rules
   4. and when even that is unknown (a host name that does not resolve in time),
      the stack's own choice, the host's primary address.
   ``0.0.0.0`` and ``::`` are never advertised.
-* Via comes from the transport, so it is per worker, not per peer: the external
-  address when one is set, else the bound address, else the stack's choice.
-  Responses to the agent's requests follow ``rport`` (RFC 3581), so Via's host
-  does not steer them; Contact and SDP, which do, are per peer.
+* The edge writes each of these per peer, per request it sends (routes.cfg's
+  route[TELL]: Via, Record-Route, Contact; rtpengine: SDP); the workers only
+  speak to the edge on loopback.
 * Host names are resolved off the SIP threads (in the supervisor, with a
   timeout); a lookup failure only means rule 4.
 """

@@ -562,11 +562,11 @@ class WorkerSettings(_Strict):
     # Registering connections this agent holds at most (config file and API together).
     max_connections: Annotated[int, Field(ge=1, le=100_000)] = 1000
     # Connections per worker process (the stack holds 7 per process). 7 packs the
-    # most per process (memory); fewer gives each connection more call slots and
-    # more isolation from a crash (docs/workers.md has the measurements).
+    # most per process (memory); fewer isolates each connection more from a crash
+    # (docs/workers.md has the measurements). Calls never touch a worker.
     connections_per_worker: Annotated[int, Field(ge=1, le=LIMITS.connections)] = LIMITS.connections
     # Worker processes at most (default: enough for max_connections). Worker k
-    # uses sip.port + k and sip.tls_port + k.
+    # uses the loopback port edge.loopback_port + 10 + k.
     max_workers: Annotated[int, Field(ge=1, le=10_000)] | None = None
     # A worker whose SIP thread answers no ping for this long is killed and replaced.
     heartbeat_timeout_sec: Annotated[float, Field(ge=2, le=300)] = 30.0

@@ -134,8 +134,9 @@ class Metrics:
         )
         self.inbound_rejected = Counter(
             "uac_agent_inbound_rejected",
-            "INVITEs refused before forwarding, by reason: source_not_allowed, unknown_contact, no_destination, "
-            "over_limit (connection_id is empty when no connection matched).",
+            "Requests the edge refused before forwarding, by reason: unknown_contact, wrong_transport, "
+            "source_not_allowed, no_destination, over_limit, media_unavailable, method_not_allowed "
+            "(connection_id is empty when no connection matched).",
             ["connection_id", "reason"],
             registry=registry,
         )

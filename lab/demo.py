@@ -2,8 +2,8 @@
 
 ``python -m lab.demo`` starts Kamailio (digest auth, UDP/TCP/TLS, a test CA),
 writes an agent config for three connections (UDP, TCP, TLS) into ``.lab/``,
-one per worker process so that the split shows (worker k on SIP port
-``--sip-port + k``), runs ``uac-agent run`` against it, prints the status
+one per worker process so that the split shows (all behind the edge's one SIP port
+``--sip-port``), runs ``uac-agent run`` against it, prints the status
 endpoint's answer for each connection once they are registered, then keeps
 running (status at http://127.0.0.1:HTTP_PORT/...) until Ctrl-C. ``--once``
 stops after printing.
@@ -51,7 +51,7 @@ def agent_config(lab: Path, pbx_port: int, sip_port: int, http_port: int, ca: Pa
         }
 
     return {
-        # Worker k: UDP/TCP on sip_port + k, TLS on sip_port + MAX_WORKERS + k.
+        # The edge: UDP and TCP on sip_port; workers on loopback ports from edge.loopback_port.
         "sip": {"bind": "127.0.0.1", "port": sip_port, "tls_ca_file": str(ca), "rtp_port_range": 200},
         "http": {"listen": f"127.0.0.1:{http_port}", "api_key": API_KEY},
         "log": {"format": "console", "level": "info"},

@@ -57,6 +57,9 @@ class AgentState:
     statuses: Callable[[], Mapping[str, ConnectionStatus]]
     health: Callable[[], str | None] = _no_problem  # None: alive; else what is wrong
     ready: Callable[[], bool] = _always
+    # None: nothing outside the workers keeps the agent from taking calls; else what does (an
+    # edge process being restarted): /readyz fails with it, /healthz does not
+    unready: Callable[[], str | None] = _no_problem
     reload: Callable[[], concurrent.futures.Future[ReloadOutcome]] | None = None  # None: cannot reload
     info: Callable[[], Mapping[str, Any]] = field(default=dict)  # version, pid, workers
 
@@ -145,7 +148,7 @@ def readyz(q: Annotated[ReadyQuery, Depends(ready_query)], state: State) -> JSON
     """``?registered=all``: also every registering connection registered (503 listing the others)."""
     waiting = sorted(cid for cid, st in state.statuses().items() if st.connection.registers and not st.registered)
     problem = None if state.ready() else "starting or stopping"
-    problem = problem or state.health()
+    problem = problem or state.health() or state.unready()
     if problem is not None:
         return JSONResponse({"ready": False, "reason": problem, "not_registered": waiting}, status_code=503)
     ready = not (q.registered == "all" and waiting)

@@ -136,7 +136,8 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
     agent = AgentState(
         statuses=pool.statuses,
         health=pool.health,
-        ready=lambda: pool.ready and edge.health() is None,
+        ready=lambda: pool.ready,
+        unready=edge.health,
         reload=request_reload,
         info=lambda: {"version": __version__, "pid": os.getpid(), "workers": len(pool.worker_pids())},
     )

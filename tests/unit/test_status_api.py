@@ -216,7 +216,8 @@ def test_readyz_refuses_an_unknown_query(server: tuple[str, CollectorRegistry], 
 def test_probes_report_what_is_wrong() -> None:
     problem: list[str | None] = ["worker(s) 3 silent for over 41 s"]
     ready = [False]
-    state = AgentState(statuses=dict, health=lambda: problem[0], ready=lambda: ready[0])
+    edge: list[str | None] = [None]
+    state = AgentState(statuses=dict, health=lambda: problem[0], ready=lambda: ready[0], unready=lambda: edge[0])
     log = structlog.get_logger()
     srv = HttpServer("127.0.0.1", 0, create_app(ApiKeys(KEY), state, CollectorRegistry(), log), log)
     srv.start()
@@ -233,6 +234,10 @@ def test_probes_report_what_is_wrong() -> None:
         assert (code, body["reason"]) == (503, "worker(s) 3 silent for over 41 s")  # type: ignore[index]
         problem[0] = None
         assert get(base + "/readyz", None)[0] == 200
+        assert get(base + "/healthz", None)[0] == 200
+        edge[0] = "edge process(es) not running: kamailio"  # being restarted: alive, not ready
+        code, body = get(base + "/readyz", None)
+        assert (code, body["reason"]) == (503, "edge process(es) not running: kamailio")  # type: ignore[index]
         assert get(base + "/healthz", None)[0] == 200
     finally:
         srv.stop()
