@@ -288,8 +288,8 @@ class BenchAgent(AgentProcess):
         self.config_path.write_text(json.dumps(config))
         self.launched_at: float | None = None  # time.monotonic() just before Popen
 
-    def start(self, timeout: float = 20.0) -> BenchAgent:
-        env = dict(os.environ)
+    def start(self, timeout: float = 20.0, env: dict[str, str] | None = None) -> BenchAgent:
+        env = {**os.environ, **(env or {})}
         env.pop("UAC_AGENT_CONFIG", None)
         with open(self.log_path, "ab") as log:
             self.launched_at = time.monotonic()
