@@ -618,6 +618,9 @@ class EdgeSettings(_Strict):
     # (all cores, from /proc/stat, as rtpengine's --max-cpu measures it) is over this, before
     # it falls behind and drops packets.
     media_max_cpu_percent: Annotated[float, Field(gt=0, le=100)] = 90.0
+    # The edge pings each distinct destination with OPTIONS this often (any answer counts; two
+    # unanswered in a row, each waited for 4 s, make it unreachable); 0: no pings.
+    destination_ping_sec: Annotated[int, Field(ge=0, le=3600)] = 10
 
     @field_validator("runtime_dir")
     @classmethod

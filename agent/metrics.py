@@ -125,6 +125,13 @@ class Metrics:
             label,
             registry=registry,
         )
+        self.destination_reachable = Gauge(
+            "uac_agent_destination_reachable",
+            "1 while the connection's destination answers the edge's OPTIONS pings, 0 when "
+            "none of its targets did twice in a row; absent until known or without pings.",
+            label,
+            registry=registry,
+        )
         self.call_setup = Histogram(
             "uac_agent_call_setup_seconds",
             "INVITE from the PBX in to the final answer sent to the PBX.",
@@ -220,6 +227,7 @@ class Metrics:
             self.next_action,
             self.calls_active,
             self.registrar_reachable,
+            self.destination_reachable,
         ):
             try:
                 gauge.remove(connection_id)
@@ -255,6 +263,13 @@ class Metrics:
                 self.registrar_reachable.remove(cid)
             except KeyError:
                 pass
+        if st.destination_reachable is None:
+            try:
+                self.destination_reachable.remove(cid)
+            except KeyError:
+                pass
+        else:
+            self.destination_reachable.labels(connection_id=cid).set(1 if st.destination_reachable else 0)
         text = st.last_registration_response
         old = self._last_info.get(cid)
         if text != old:

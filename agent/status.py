@@ -60,6 +60,7 @@ class ConnectionStatus:
     registrar_reachable_since: float | None = None
     target: str | None = None  # the DNS target REGISTERs go to, when the next hop is a host name
     calls_active: int = 0  # calls from the PBX the edge carries on this connection now
+    destination_reachable: bool | None = None  # the edge's OPTIONS pings; None: not known
 
     @property
     def uptime_sec(self) -> float | None:
@@ -125,6 +126,7 @@ class ConnectionStatus:
                 "registrar_reachable_since": iso(self.registrar_reachable_since),
                 "target": self.target,
                 "calls_active": self.calls_active,
+                "destination_reachable": self.destination_reachable,
             },
         }
 
@@ -148,6 +150,7 @@ def build_status(
     worker: int | None = None,
     worker_pid: int | None = None,
     calls_active: int = 0,
+    destination_reachable: bool | None = None,
 ) -> ConnectionStatus:
     return ConnectionStatus(
         connection=conn,
@@ -175,6 +178,7 @@ def build_status(
         registrar_reachable_since=snap.registrar_reachable_since,
         target=snap.target,
         calls_active=calls_active,
+        destination_reachable=destination_reachable,
     )
 
 

@@ -271,6 +271,9 @@ class EdgeAgent:
             "loopback_port": loopback_block(12),
             "tls_targets": 1,
             "runtime_dir": str(workdir / "edge"),
+            # the destination SIPp answers INVITEs only: an OPTIONS ping would count as one of its
+            # -m calls (the baseline pings nothing either)
+            "destination_ping_sec": 0,
         }
         if media_max_cpu is not None:
             edge["media_max_cpu_percent"] = media_max_cpu

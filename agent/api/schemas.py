@@ -354,6 +354,7 @@ class RegistrationDetails(_Exact):
     registrar_reachable_since: Timestamp
     target: str | None
     calls_active: int
+    destination_reachable: bool | None
 
 
 class RegistrationStatusView(_Exact):

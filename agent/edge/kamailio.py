@@ -58,6 +58,18 @@ MODULES = (
     "jansson",
     "evapi",
     "topoh",
+    "dispatcher",
+)
+
+PING_TIMEOUT_MS = 4000  # a destination ping's wait for an answer (tm's fr_timer; see routes.cfg)
+PING_MISSES = 2  # unanswered pings in a row that make a destination unreachable
+# Answers that say the destination is there besides 2xx: any a server sends, not those Kamailio
+# makes up itself for a ping nobody answered (408), could not send (477, 500) or that say the
+# destination is unavailable (503).
+PING_REPLY_CODES = ";".join(
+    ["class=3", "class=6"]
+    + [f"code={c}" for c in range(400, 500) if c not in (408, 477)]
+    + [f"code={c}" for c in (501, 502, 504, 505, 513, 580)]
 )
 
 
@@ -77,6 +89,7 @@ class KamailioOptions:
     topoh_key: str  # stable for the supervisor's life, so calls survive a Kamailio restart
     hep: tuple[str, int] | None = None  # a HEP3 collector every call's messages are copied to
     hep_id: int = 2001
+    destination_ping_sec: int = 10  # 0: destinations are not pinged
 
     @staticmethod
     def new_key() -> str:
@@ -154,6 +167,7 @@ def render(lay: EdgeLayout, opts: KamailioOptions) -> str:
         "tcp_keepidle=30",
         "tcp_connect_timeout=5",
         "tcp_max_connections=16384",
+        *([] if lay.wildcard or ":" in pub else [f"# TCP to destinations leaves from sip.bind\ntcp_source_ipv4={pub}"]),
         "",
         "####### Sockets (agent/edge/layout.py) ########",
         f'listen=udp:{_host(pub)}:{lay.sip_port}{adv} name "pub"',
@@ -208,6 +222,19 @@ def render(lay: EdgeLayout, opts: KamailioOptions) -> str:
         f'modparam("topoh", "mask_ip", "{_host(opts.advertised or LOOPBACK)}")',
         'modparam("topoh", "uparam_name", "uac-th")',
         'modparam("topoh", "mask_callid", 0)',
+        # Destination health (agent/edge/probes.py): every target in set 1 is pinged with
+        # OPTIONS; any answer counts; the supervisor reads the states (dispatcher.list)
+        f'modparam("dispatcher", "list_file", "{lay.dispatcher_list}")',
+        'modparam("dispatcher", "ds_load_mode", 1)',
+        f'modparam("dispatcher", "ds_ping_interval", {opts.destination_ping_sec})',
+        'modparam("dispatcher", "ds_probing_mode", 1)',
+        'modparam("dispatcher", "ds_ping_method", "OPTIONS")',
+        f'modparam("dispatcher", "ds_ping_from", "sip:{opts.user_agent}@{_host(opts.advertised or LOOPBACK)}")',
+        f'modparam("dispatcher", "ds_ping_reply_codes", "{PING_REPLY_CODES}")',
+        f'modparam("dispatcher", "ds_probing_threshold", {PING_MISSES})',
+        'modparam("dispatcher", "ds_inactive_threshold", 1)',
+        *([] if lay.wildcard else [f'modparam("dispatcher", "ds_default_socket", "udp:{_host(pub)}:{lay.sip_port}")']),
+        f'modparam("tm", "fr_timer", {PING_TIMEOUT_MS})',
         "",
         "####### Routing ########",
         "# Via names what the peer is told (set_advertised_address takes no variable: one",

@@ -80,6 +80,11 @@ class EdgeLayout:
         return self.runtime_dir / "kamailio-rpc.sock"
 
     @property
+    def dispatcher_list(self) -> Path:
+        """The destinations the edge pings (agent/edge/probes.py)."""
+        return self.runtime_dir / "dispatcher.list"
+
+    @property
     def haproxy_api(self) -> Path:
         return self.runtime_dir / "haproxy.sock"
 

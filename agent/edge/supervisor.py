@@ -54,6 +54,7 @@ from agent.edge.messages import (
     TlsTarget,
     parse_tls_failure,
 )
+from agent.edge.probes import DestinationHealth, dispatcher_list, parse_dispatcher_list, probe_uris
 from agent.metrics import Metrics
 
 __all__ = ["Edge", "EdgeError", "EdgePlan"]
@@ -122,6 +123,7 @@ class Edge:
         logger: Any,
         on_flow_closed: Callable[[str, int], None] | None = None,
         on_active: Callable[[str, int], None] | None = None,
+        on_destination: Callable[[str, bool | None], None] | None = None,
     ) -> None:
         self._plan = plan
         self._lay = plan.layout
@@ -144,6 +146,13 @@ class Edge:
         self._tls_pending: dict[int, dict[tuple[str, str], float]] = {}
         self._tls_waiters: dict[str, list[concurrent.futures.Future[None]]] = {}  # put_tls's, by key
         self._clock = SystemClock()
+        ping = plan.kamailio.destination_ping_sec
+        # a new target has two pings (and their timeouts) to answer before its silence counts
+        self.destinations = DestinationHealth(
+            grace_sec=kamailio.PING_MISSES * (ping + kamailio.PING_TIMEOUT_MS / 1000) + ping
+        )
+        self._on_destination = on_destination
+        self._reachable: dict[str, bool | None] = {}
 
     def _target_label(self, connection_id: str, uri: str) -> str:
         rec = self._records.get(connection_id)
@@ -242,6 +251,7 @@ class Edge:
         (lay.runtime_dir / "kamailio.cfg").write_text(kamailio.render(lay, plan.kamailio))
         (lay.runtime_dir / "haproxy.cfg").write_text(haproxy.render(lay, plan.haproxy))
         self._write_tls_maps(self._tls_maps())  # none from an earlier run
+        self._write_dispatcher_list(self.destinations.targets)
 
     # -- the loop thread -----------------------------------------------------------
 
@@ -288,6 +298,8 @@ class Edge:
                 self._track(self._loop.create_task(self._supervise(e)))
         self._track(self._loop.create_task(self._push_changes()))
         self._track(self._loop.create_task(self._read_events()))
+        if plan.kamailio.destination_ping_sec > 0:
+            self._track(self._loop.create_task(self._poll_destinations()))
         await asyncio.gather(*(e.up_once.wait() for e in self._engines.values()))
         self._log.info(
             "edge_started", processes={e.name: e.proc.pid if e.proc else None for e in self._engines.values()}
@@ -472,6 +484,8 @@ class Edge:
         for t in list(self._tls.values()):
             await self._send_tls(t)
         await self._rpc.call("htable.seti", "state", "ready", 1)
+        # a new Kamailio reads the list file as it starts and pings every target afresh
+        self.destinations.restarted(self._clock.monotonic())
 
     # -- data ------------------------------------------------------------------------
 
@@ -481,10 +495,65 @@ class Edge:
         self._records[rec.line] = rec
         if self._changes is not None:
             self._changes.put_nowait(("put", rec))
+        self._destinations_changed()
 
     def _remove(self, line: str) -> None:
         if self._records.pop(line, None) is not None and self._changes is not None:
             self._changes.put_nowait(("remove", line))
+        self._destinations_changed()
+
+    # -- destination health ----------------------------------------------------------
+
+    def _destinations_changed(self) -> None:
+        """The targets to ping follow the records (and the TLS ports they need)."""
+        targets = {line: probe_uris(rec, self._tls) for line, rec in self._records.items()}
+        if self.destinations.set_targets(targets, self._clock.monotonic()) and self._changes is not None:
+            self._changes.put_nowait(("dispatcher", self.destinations.targets))
+        self._tell_destinations()
+
+    def _write_dispatcher_list(self, targets: tuple[str, ...]) -> None:
+        path = self._lay.dispatcher_list
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(dispatcher_list(targets))
+        tmp.replace(path)
+
+    def _tell_destinations(self) -> None:
+        now = self._clock.monotonic()
+        current = self.destinations.all_reachable(now)
+        for cid in set(self._reachable) | set(current):
+            value = current.get(cid)
+            if cid in self._reachable and self._reachable[cid] == value:
+                continue
+            before = self._reachable.get(cid)
+            if value is None:
+                self._reachable.pop(cid, None)
+            else:
+                self._reachable[cid] = value
+                if before is not None or value is False:
+                    log = self._log.info if value else self._log.warning
+                    log(
+                        "destination_reachable" if value else "destination_unreachable",
+                        connection_id=cid,
+                        targets=list(self.destinations.targets_of(cid)),
+                    )
+            if self._on_destination is not None:
+                self._on_destination(cid, value)
+
+    async def _poll_destinations(self) -> None:
+        """Every target's state, read back from the dispatcher twice per ping interval."""
+        every = max(0.5, min(5.0, self._plan.kamailio.destination_ping_sec / 2))
+        k = self._engines["kamailio"]
+        while True:
+            await asyncio.sleep(every)
+            if k.life.state is not EngineState.UP or not self.destinations.targets:
+                continue
+            try:
+                reply = await self._rpc.call("dispatcher.list")
+            except ControlError as e:
+                self._log.warning("edge_destinations_unread", error=str(e))
+                continue
+            self.destinations.observe(parse_dispatcher_list(reply))
+            self._tell_destinations()
 
     def _put_tls(self, target: TlsTarget, done: concurrent.futures.Future[None] | None = None) -> None:
         if self._tls.get(target.key) == target and target.key not in self._tls_waiters:
@@ -498,6 +567,7 @@ class Edge:
             self._changes.put_nowait(("tls", target))
         else:  # not running yet: Kamailio gets every target before it takes requests
             self._tls_told(target.key)
+        self._destinations_changed()  # a TLS destination is pinged through its port
 
     def _tls_told(self, key: str) -> None:
         for done in self._tls_waiters.pop(key, []):
@@ -549,6 +619,15 @@ class Edge:
         assert self._changes is not None
         while True:
             kind, item = await self._changes.get()
+            if kind == "dispatcher" and isinstance(item, tuple):
+                await asyncio.to_thread(self._write_dispatcher_list, item)
+                k = self._engines.get("kamailio")
+                if k is not None and k.life.state is EngineState.UP:
+                    try:
+                        await self._rpc.call("dispatcher.reload")
+                    except ControlError as e:
+                        self._log.warning("edge_change_failed", change="destinations", error=str(e))
+                continue
             if kind == "tls":
                 maps = self._tls_maps()
                 await asyncio.to_thread(self._write_tls_maps, maps)

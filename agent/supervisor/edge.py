@@ -61,6 +61,7 @@ def plan_edge(settings: AgentSettings, topoh_key: str | None = None) -> tuple[Ed
         topoh_key=topoh_key or KamailioOptions.new_key(),
         hep=settings.capture.hep,
         hep_id=settings.capture.hep_id,
+        destination_ping_sec=settings.edge.destination_ping_sec,
     )
     ca = sip.tls_ca_file if sip.tls_verify_server else None
     plan = EdgePlan(

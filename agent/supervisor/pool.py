@@ -169,6 +169,7 @@ class WorkerPool:
         self._records = records or EdgeRecords(settings)
         self._tls_slots: dict[str, int] = {}  # TLS target "IP:PORT" -> its loopback port's slot
         self._calls: Mapping[str, int] = {}  # calls active by connection (the edge's count)
+        self._reachable: Mapping[str, bool | None] = {}  # destination health by connection (the edge's)
         self._built: dict[str, tuple[EdgeConnection, tuple[m.Hop | None, ...]]] = {}  # by _spec, for _to_edge
         # DNS lookups run here, never on the loop thread (nor, in the workers, on a SIP thread).
         self._dns = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="dns")
@@ -214,6 +215,10 @@ class WorkerPool:
         """The edge's TCP connection to ``address:port`` closed (any thread): every worker with a
         TCP or TLS connection is told; those registered over it register again."""
         self._loop.call_soon_threadsafe(self._flow_closed, address, port)
+
+    def set_destination_reachable(self, connection_id: str, reachable: bool | None) -> None:
+        """Whether the connection's destination answers the edge's pings (any thread)."""
+        self._loop.call_soon_threadsafe(self._set_reachable, connection_id, reachable)
 
     def set_calls_active(self, connection_id: str, count: int) -> None:
         """The edge's count of calls in progress on a connection (any thread), for its status."""
@@ -856,6 +861,14 @@ class WorkerPool:
             ):
                 self._send(w, m.FlowClosed(address, port))
 
+    def _set_reachable(self, cid: str, reachable: bool | None) -> None:
+        values = dict(self._reachable)
+        values[cid] = reachable
+        self._reachable = values
+        if cid in self._conns:
+            self._dirty.add(cid)
+            self._publish()
+
     def _set_calls(self, cid: str, count: int) -> None:
         calls = dict(self._calls)
         calls[cid] = count
@@ -940,7 +953,14 @@ class WorkerPool:
             if snap is None:
                 snap = inactive_snapshot(p.conn, time.time())
             w = self._workers.get(p.worker) if p.worker is not None else None
-            st = build_status(p.conn, snap, p.worker, w.pid if w is not None else None, self._calls.get(cid, 0))
+            st = build_status(
+                p.conn,
+                snap,
+                p.worker,
+                w.pid if w is not None else None,
+                self._calls.get(cid, 0),
+                self._reachable.get(cid),
+            )
             if p.down is not None:
                 st = replace(st, state="WORKER_DOWN")
             statuses[cid] = st

@@ -53,6 +53,9 @@ class AgentProcess:
                 "loopback_port": self.loopback_port,
                 "tls_targets": TLS_TARGETS,
                 "runtime_dir": str(workdir / "edge"),
+                # the tests' destination SIPps answer INVITEs only (an OPTIONS would count as one
+                # of their -m calls): the destination health test turns pings on
+                "destination_ping_sec": 0,
             },
             "http": {"listen": f"127.0.0.1:{self.http_port}", "api_key": API_KEY},
             "log": {"format": "json", "level": "debug"},

@@ -592,3 +592,30 @@ def test_a_temporary_runtime_directory_is_removed_on_stop(tmp_path: Path) -> Non
     finally:
         agent.kill()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_the_destination_is_pinged_and_its_health_shown(call_lab: Callable[..., CallLab]) -> None:
+    """``edge.destination_ping_sec``: the edge pings the destination with OPTIONS; status and
+    ``uac_agent_destination_reachable`` say whether it answers; a destination that stops
+    answering is shown unreachable (and logged), and reachable again once it answers."""
+    lab = call_lab(edge={"destination_ping_sec": 1})
+
+    def reachable() -> bool | None:
+        value = lab.agent.status("c-fwd")["sip_registration_details"]["destination_reachable"]
+        assert value is None or isinstance(value, bool)
+        return value
+
+    dest = lab.dest("dest_options.xml", calls=100_000)
+    wait_until(lambda: reachable() is True, 15, "the destination reachable")
+    assert metric(lab.agent, "uac_agent_destination_reachable", connection_id="c-fwd") == 1
+    pings = dest.received_requests("OPTIONS")
+    assert pings and pings[0].first_line.startswith(f"OPTIONS sip:127.0.0.1:{lab.dest_port} "), pings[0].first_line
+    dest.stop()
+    wait_until(lambda: reachable() is False, 30, "the destination unreachable")
+    assert metric(lab.agent, "uac_agent_destination_reachable", connection_id="c-fwd") == 0
+    down = [e for e in lab.agent.logs() if e.get("event") == "destination_unreachable"]
+    assert down and down[0]["connection_id"] == "c-fwd", down
+    lab.dest("dest_options.xml", calls=100_000)
+    wait_until(lambda: reachable() is True, 15, "the destination reachable again")
+    assert any(e.get("event") == "destination_reachable" for e in lab.agent.logs())
+    assert lab.agent.status("c-fwd")["registered"] is True  # the pings never touch the registration
