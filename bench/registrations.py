@@ -170,7 +170,7 @@ class Registrar(Kamailio):
 
 _REGISTER = re.compile(
     r"REGISTER from (?P<ip>[\d.]+):(?P<port>\d+) proto=\S+ to=sips?:(?P<user>[^@\s]+)@\S+ ci=(?P<ci>\S+) "
-    r"cseq=(?P<cseq>\d+) exp=(?P<exp>\S*) t=(?P<t>[\d.]+)(?: au=(?P<au>\S+))?"
+    r"cseq=(?P<cseq>\d+) exp=(?P<exp>\S*)(?: from=\S+)? t=(?P<t>[\d.]+)(?: au=(?P<au>\S+))?"
 )
 
 

@@ -4,9 +4,12 @@
 writes an agent config for three connections (UDP, TCP, TLS) into ``.lab/``,
 one per worker process so that the split shows (all behind the edge's one SIP port
 ``--sip-port``), runs ``uac-agent run`` against it, prints the status
-endpoint's answer for each connection once they are registered, then keeps
-running (status at http://127.0.0.1:HTTP_PORT/...) until Ctrl-C. ``--once``
-stops after printing.
+endpoint's answer for each connection once they are registered, then places one
+call: a SIPp caller dials connection 1001's user through the lab PBX, the agent's
+edge relays it (media through its rtpengine) to a SIPp destination standing in for
+the AI assistant, and the call's outcome is printed as the PBX, the destination and
+the agent saw it. Then it keeps running (status at http://127.0.0.1:HTTP_PORT/...)
+until Ctrl-C. ``--once`` stops after printing.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from lab.kamailio import Kamailio, KamailioConfig, make_test_pki
+from lab.sipp import Sipp, scenario_path
 
 ROOT = Path(__file__).resolve().parents[1]
 USERS = {"office-udp": "lab-secret-1", "office-tcp": "lab-secret-2", "office-tls": "lab-secret-3"}
@@ -32,8 +37,10 @@ API_KEY = "lab-api-key"
 MAX_WORKERS = 4
 
 
-def agent_config(lab: Path, pbx_port: int, sip_port: int, http_port: int, ca: Path) -> dict[str, object]:
-    def conn(cid: str, user: str, transport: str, proxy: str) -> dict[str, object]:
+def agent_config(
+    lab: Path, pbx_port: int, sip_port: int, http_port: int, ca: Path, dest_port: int
+) -> dict[str, object]:
+    def conn(cid: str, user: str, transport: str, proxy: str, destination: str) -> dict[str, object]:
         return {
             "connection_id": cid,
             "user_id": "323",
@@ -47,7 +54,7 @@ def agent_config(lab: Path, pbx_port: int, sip_port: int, http_port: int, ca: Pa
                 "from_user": "601",
                 "expiration_sec": 120,
             },
-            "internal_uac_settings": {"destination_uri": "1006@assistant-abc123.sip.telnyx.com"},
+            "internal_uac_settings": {"destination_uri": destination},
         }
 
     return {
@@ -57,9 +64,11 @@ def agent_config(lab: Path, pbx_port: int, sip_port: int, http_port: int, ca: Pa
         "log": {"format": "console", "level": "info"},
         "workers": {"connections_per_worker": 1, "max_workers": MAX_WORKERS},
         "connections": [
-            conn("1001", "office-udp", "UDP", f"sip:127.0.0.1:{pbx_port}"),
-            conn("1002", "office-tcp", "TCP", f"sip:127.0.0.1:{pbx_port}"),
-            conn("1003", "office-tls", "TLS", f"sip:localhost:{pbx_port + 1}"),
+            # 1001's calls go to the lab's SIPp destination (the demo's call); the others' to an
+            # assistant out there, as in production
+            conn("1001", "office-udp", "UDP", f"sip:127.0.0.1:{pbx_port}", f"assistant@127.0.0.1:{dest_port}"),
+            conn("1002", "office-tcp", "TCP", f"sip:127.0.0.1:{pbx_port}", "1006@assistant-abc123.sip.telnyx.com"),
+            conn("1003", "office-tls", "TLS", f"sip:localhost:{pbx_port + 1}", "1006@assistant-abc123.sip.telnyx.com"),
         ],
     }
 
@@ -75,14 +84,63 @@ def get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
+def place_call(lab: Path, pbx_port: int, dest_port: int, base: str) -> bool:
+    """One call from a SIPp caller through the lab PBX to connection 1001, relayed by the edge to
+    a SIPp destination; prints what each side saw. True when it was answered and hung up."""
+    dest = Sipp(
+        scenario_path("dest_answer.xml"),
+        dest_port,
+        variables={"callee": "assistant", "rtp_port": dest_port + 2},
+        workdir=lab / "call-destination",
+    )
+    caller = Sipp(
+        scenario_path("pbx_call.xml"),
+        dest_port + 1,
+        variables={"caller": "1000", "sdp_user": "pbx", "rtp_port": dest_port + 4, "ruri_params": ""},
+        workdir=lab / "call-pbx",
+        remote=f"127.0.0.1:{pbx_port}",
+        service="office-udp",
+        timeout=20,
+        extra_args=["-d", "2000"],
+    )
+    print(f"\nA call: SIPp caller -> lab PBX -> agent's edge (1001) -> SIPp destination on {dest_port}", flush=True)
+    dest.start()
+    try:
+        caller.start()
+        rc = caller.wait(30)
+    finally:
+        caller.stop()
+        dest.stop()
+    finals = [
+        r.first_line
+        for r in caller.received_responses(None)
+        if r.cseq_method == "INVITE" and (r.status_code or 0) >= 200
+    ]
+    invites = dest.received_requests("INVITE")
+    print(
+        f"  caller's final answer: {finals or '(none)'}; its BYE answered: {bool(caller.received_responses(200)[1:])}"
+    )
+    if invites:
+        print(f"  destination got: {invites[0].first_line} (From {invites[0].header('From')})")
+        media = re.search(r"^c=IN IP4 (\S+)\s.*?^m=audio (\d+)", invites[0].body, re.M | re.S)
+        where = f"{media.group(1)}:{media.group(2)}" if media else "?"
+        print(f"  destination was offered media at {where} (the edge's relay, not the caller's {dest_port + 4})")
+    lines: list[str] = []
+    deadline = time.monotonic() + 5  # the edge reports the call's end as it happens
+    while time.monotonic() < deadline and not lines:
+        _, text = get(base + "/metrics")
+        lines = [ln for ln in text.splitlines() if ln.startswith("uac_agent_calls_total{") and '"1001"' in ln]
+        time.sleep(0.1)
+    print("  agent's metrics: " + ("; ".join(lines) or "(none)"))
+    return rc == 0 and finals == ["SIP/2.0 200 OK"] and bool(invites)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.splitlines()[0] if __doc__ else "")
     ap.add_argument("--pbx-port", type=int, default=15060, help="Kamailio UDP/TCP port (TLS on +1)")
+    ap.add_argument("--sip-port", type=int, default=15070, help="the agent's edge: UDP and TCP (TLS on +1)")
     ap.add_argument(
-        "--sip-port",
-        type=int,
-        default=15070,
-        help=f"agent worker 0's UDP/TCP port (worker k: +k; TLS from +{MAX_WORKERS})",
+        "--dest-port", type=int, default=15090, help="the demo call's SIPp destination (caller on +1, RTP +2, +4)"
     )
     ap.add_argument("--http-port", type=int, default=8080)
     ap.add_argument("--dir", type=Path, default=ROOT / ".lab")
@@ -99,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lab PBX: Kamailio on udp/tcp 127.0.0.1:{args.pbx_port}, tls localhost:{args.pbx_port + 1}", flush=True)
     config_path = lab / "agent.yaml"
     config_path.write_text(
-        yaml.safe_dump(agent_config(lab, args.pbx_port, args.sip_port, args.http_port, pki["ca"]), sort_keys=False)
+        yaml.safe_dump(
+            agent_config(lab, args.pbx_port, args.sip_port, args.http_port, pki["ca"], args.dest_port),
+            sort_keys=False,
+        )
     )
     print(f"agent config: {config_path}", flush=True)
     agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config_path)], cwd=ROOT)
@@ -133,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             binding = pbx.lookup(user) or ""
             contact = next((ln.strip() for ln in binding.splitlines() if "Address:" in ln), "(none)")
             print(f"  {user}: {contact}")
-        code = 0 if ready == 200 else 1
+        called = ready == 200 and place_call(lab, args.pbx_port, args.dest_port, base)
+        print(f"\nthe call {'went through' if called else 'FAILED'}", flush=True)
+        code = 0 if ready == 200 and called else 1
         if not args.once:
             print(f"\nrunning; metrics at {base}/metrics; Ctrl-C to unregister and stop", flush=True)
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -126,6 +126,10 @@ class DestinationHealth:
     def targets(self) -> tuple[str, ...]:
         return tuple(sorted(self._since))
 
+    @property
+    def connections(self) -> tuple[str, ...]:
+        return tuple(self._uris)
+
     def targets_of(self, connection_id: str) -> tuple[str, ...]:
         return self._uris.get(connection_id, ())
 

@@ -152,7 +152,8 @@ class Edge:
             grace_sec=kamailio.PING_MISSES * (ping + kamailio.PING_TIMEOUT_MS / 1000) + ping
         )
         self._on_destination = on_destination
-        self._reachable: dict[str, bool | None] = {}
+        self._reachable: dict[str, bool | None] = {}  # what was told (absent: unknown)
+        self._probe: dict[str, tuple[str, ...]] = {}  # each record's targets to ping
 
     def _target_label(self, connection_id: str, uri: str) -> str:
         rec = self._records.get(connection_id)
@@ -495,21 +496,29 @@ class Edge:
         self._records[rec.line] = rec
         if self._changes is not None:
             self._changes.put_nowait(("put", rec))
-        self._destinations_changed()
+        self._destinations_changed(rec.line)
 
     def _remove(self, line: str) -> None:
         if self._records.pop(line, None) is not None and self._changes is not None:
             self._changes.put_nowait(("remove", line))
-        self._destinations_changed()
+        self._destinations_changed(line)
 
     # -- destination health ----------------------------------------------------------
 
-    def _destinations_changed(self) -> None:
-        """The targets to ping follow the records (and the TLS ports they need)."""
-        targets = {line: probe_uris(rec, self._tls) for line, rec in self._records.items()}
-        if self.destinations.set_targets(targets, self._clock.monotonic()) and self._changes is not None:
+    def _destinations_changed(self, line: str | None = None) -> None:
+        """The targets to ping follow the records (``line``'s alone changed; None: any, e.g. a
+        new TLS port) and the TLS ports they need."""
+        if self._plan.kamailio.destination_ping_sec <= 0:
+            return
+        if line is None:
+            self._probe = {ln: probe_uris(rec, self._tls) for ln, rec in self._records.items()}
+        elif line in self._records:
+            self._probe[line] = probe_uris(self._records[line], self._tls)
+        else:
+            self._probe.pop(line, None)
+        if self.destinations.set_targets(self._probe, self._clock.monotonic()) and self._changes is not None:
             self._changes.put_nowait(("dispatcher", self.destinations.targets))
-        self._tell_destinations()
+        self._tell_destinations(None if line is None else [line])
 
     def _write_dispatcher_list(self, targets: tuple[str, ...]) -> None:
         path = self._lay.dispatcher_list
@@ -517,14 +526,14 @@ class Edge:
         tmp.write_text(dispatcher_list(targets))
         tmp.replace(path)
 
-    def _tell_destinations(self) -> None:
+    def _tell_destinations(self, only: list[str] | None = None) -> None:
         now = self._clock.monotonic()
-        current = self.destinations.all_reachable(now)
-        for cid in set(self._reachable) | set(current):
-            value = current.get(cid)
-            if cid in self._reachable and self._reachable[cid] == value:
-                continue
+        cids = only if only is not None else set(self._reachable) | set(self.destinations.connections)
+        for cid in cids:
+            value = self.destinations.reachable(cid, now)
             before = self._reachable.get(cid)
+            if before == value:  # unchanged (None: unknown, never told)
+                continue
             if value is None:
                 self._reachable.pop(cid, None)
             else:

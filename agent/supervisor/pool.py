@@ -862,6 +862,8 @@ class WorkerPool:
                 self._send(w, m.FlowClosed(address, port))
 
     def _set_reachable(self, cid: str, reachable: bool | None) -> None:
+        if self._reachable.get(cid) == reachable:
+            return
         values = dict(self._reachable)
         values[cid] = reachable
         self._reachable = values

@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.kamailio import Kamailio
+from lab.kamailio import Kamailio, free_port, free_port_block
 from tests.integration.agentproc import AgentProcess
 from tests.integration.conftest import connection
 
@@ -179,3 +181,41 @@ def test_a_user_key_may_not_use_the_operator_endpoints(kamailio: Kamailio, tmp_p
         assert json.loads(body)["connections"] == []
     finally:
         assert agent.terminate() == 0
+
+
+def test_the_lab_demo_registers_shows_status_and_puts_a_call_through(tmp_path: Path) -> None:
+    """The README's first command (``scripts/lab.sh`` runs ``python -m lab.demo``): the lab PBX,
+    the agent registered to it over UDP, TCP and TLS, its status printed, and a call relayed."""
+    pbx, sip, dest = free_port_block(2), free_port_block(2), free_port_block(5)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lab.demo",
+            "--once",
+            "--dir",
+            str(tmp_path / "lab"),
+            "--pbx-port",
+            str(pbx),
+            "--sip-port",
+            str(sip),
+            "--dest-port",
+            str(dest),
+            "--http-port",
+            str(free_port()),
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert "GET /readyz?registered=all -> 200" in text, text[-4000:]
+    for cid in ("1001", "1002", "1003"):
+        assert f"connection_id={cid} -> 200" in text
+    assert "caller's final answer: ['SIP/2.0 200 OK']" in text, text[-4000:]
+    assert "destination got: INVITE sip:assistant@127.0.0.1:" in text, text[-4000:]
+    assert 'result="answered"' in text
+    assert "the call went through" in text
+    assert "agent exited with 0" in text
