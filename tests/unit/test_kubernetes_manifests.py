@@ -36,6 +36,8 @@ WORKLOAD_KINDS = ("Pod", "Deployment", "StatefulSet")
 # BENCHMARKS.md, "Registrations: 1,000 connections on one host": PSS of the supervisor,
 # the zygote and one worker of 7 connections, in MiB.
 PSS_SUPERVISOR_MIB, PSS_ZYGOTE_MIB, PSS_WORKER_MIB = 86.2, 10.1, 5.9
+# ... and the edge's engines at idle (Kamailio, rtpengine, HAProxy, the keeper): docs/kubernetes.md
+PSS_EDGE_MIB = 69.0
 _PORT_NAME = re.compile(r"^(?=.*[a-z])(?!.*--)[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")  # IANA_SVC_NAME
 
 
@@ -435,7 +437,9 @@ def test_resources_cover_the_benchmarked_memory(pod: AgentPod) -> None:
     res = pod.container["resources"]
     for what in ("cpu", "memory"):
         assert 0 < _quantity(res["requests"][what]) <= _quantity(res["limits"][what]), what
-    measured = (PSS_SUPERVISOR_MIB + PSS_ZYGOTE_MIB + pod.settings.max_workers * PSS_WORKER_MIB) * 2**20
+    measured = (
+        PSS_SUPERVISOR_MIB + PSS_ZYGOTE_MIB + pod.settings.max_workers * PSS_WORKER_MIB + PSS_EDGE_MIB
+    ) * 2**20
     assert _quantity(res["requests"]["memory"]) >= measured
     assert _quantity(res["limits"]["memory"]) >= 2 * measured
     assert _quantity(res["requests"]["cpu"]) >= 0.01
