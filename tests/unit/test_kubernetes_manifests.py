@@ -437,9 +437,7 @@ def test_resources_cover_the_benchmarked_memory(pod: AgentPod) -> None:
     res = pod.container["resources"]
     for what in ("cpu", "memory"):
         assert 0 < _quantity(res["requests"][what]) <= _quantity(res["limits"][what]), what
-    measured = (
-        PSS_SUPERVISOR_MIB + PSS_ZYGOTE_MIB + pod.settings.max_workers * PSS_WORKER_MIB + PSS_EDGE_MIB
-    ) * 2**20
+    measured = (PSS_SUPERVISOR_MIB + PSS_ZYGOTE_MIB + pod.settings.max_workers * PSS_WORKER_MIB + PSS_EDGE_MIB) * 2**20
     assert _quantity(res["requests"]["memory"]) >= measured
     assert _quantity(res["limits"]["memory"]) >= 2 * measured
     assert _quantity(res["requests"]["cpu"]) >= 0.01
