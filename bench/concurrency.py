@@ -62,7 +62,7 @@ from bench.edgelab import (
     host_jiffies,
     machine,
     machine_line,
-    missing_tools,
+    missing_engines,
     percentiles,
     ratio,
     terminate_on_sigterm,
@@ -559,10 +559,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.measure < 3:
         parser.error("--measure must be at least 3 s")
-    missing = missing_tools("kamailio", "kamcmd", "sipp", "rtpengine", "haproxy", "dumpcap")
+    missing = missing_engines()
     if missing:
-        hint = "dumpcap: apt-get install wireshark-common; the others: ./scripts/setup.sh"
-        print(f"missing: {', '.join(missing)} ({hint})", file=sys.stderr)
+        print(missing, file=sys.stderr)
         return 2
     hosts = Hosts.from_base(args.ip_base)
     plan = Plan(args.levels, args.setups, args.ramp_cps, args.settle, args.measure, args.keep)

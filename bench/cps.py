@@ -62,7 +62,7 @@ from bench.edgelab import (
     host_jiffies,
     machine,
     machine_line,
-    missing_tools,
+    missing_engines,
     percentiles,
     ratio,
     terminate_on_sigterm,
@@ -474,10 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every figure (and per-call hops) to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (captures, logs)")
     args = parser.parse_args(argv)
-    missing = missing_tools("kamailio", "kamcmd", "sipp", "rtpengine", "haproxy", "dumpcap")
+    missing = missing_engines()
     if missing:
-        hint = "dumpcap: apt-get install wireshark-common; the others: ./scripts/setup.sh"
-        print(f"missing: {', '.join(missing)} ({hint})", file=sys.stderr)
+        print(missing, file=sys.stderr)
         return 2
     hosts = Hosts.from_base(args.ip_base)
     plan = Plan(args.rates, args.setups, args.seconds, args.hold_ms, args.warmup, args.rtp, args.keep)

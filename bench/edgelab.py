@@ -52,7 +52,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench.proctree import cpu_by_process, process_name, start_time, tree_pids
+from bench.proctree import cpu_by_process, process_name, start_time, stop_processes, tree_pids
 from lab.kamailio import (
     Kamailio,
     KamailioConfig,
@@ -61,7 +61,7 @@ from lab.kamailio import (
     stop_process_group,
     wait_until_answering,
 )
-from lab.sipp import SipMessage, parse_message_log, scenario_path
+from lab.sipp import SipMessage, parse_message_log, scenario_path, socket_inodes
 
 __all__ = [
     "AUDIO_FILE",
@@ -172,25 +172,6 @@ def _tree_ids(root: int) -> dict[int, int]:
         if st is not None:
             out[pid] = st
     return out
-
-
-def _kill_known(known: Mapping[int, int], grace: float) -> int:
-    """SIGKILL those of ``known`` (pid -> start time) still running after ``grace`` s; how many."""
-    deadline = time.monotonic() + grace
-    alive = dict(known)
-    while alive and time.monotonic() < deadline:
-        alive = {pid: st for pid, st in alive.items() if start_time(pid) == st}
-        if alive:
-            time.sleep(0.1)
-    killed = 0
-    for pid, st in alive.items():
-        if start_time(pid) == st:  # still the process we saw, not a reused pid
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
-    return killed
 
 
 def _stop_group(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
@@ -447,7 +428,7 @@ class EdgeAgent:
                 self.proc.wait(5)
                 killed += 1
         self._known.pop(self.proc.pid, None)
-        killed += _kill_known(self._known, 6.0)  # the keeper ends the engines 3 s after the supervisor
+        killed += stop_processes(self._known, 6.0)  # the keeper ends the engines 3 s after the supervisor
         self._known.clear()
         return killed
 
@@ -621,21 +602,6 @@ def _hex_address(host: str, port: int) -> str:
     return f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
 
 
-def _socket_inodes(pid: int) -> set[str]:
-    out: set[str] = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                out.add(link[8:-1])
-    except OSError:
-        pass
-    return out
-
-
 def _udp_inodes(host: str, port: int) -> set[str]:
     want = _hex_address(host, port)
     out: set[str] = set()
@@ -738,7 +704,7 @@ class SippRun:
                 self.returncode = self.proc.returncode
                 self.proc = None
                 raise RuntimeError(f"sipp exited at start (rc={self.returncode}):\n{self.output()[-3000:]}")
-            if _udp_inodes(self.host, self.port) & _socket_inodes(self.proc.pid):
+            if _udp_inodes(self.host, self.port) & socket_inodes(self.proc.pid):
                 return self
             time.sleep(0.02)
         self.stop()
@@ -950,6 +916,14 @@ def terminate_on_sigterm() -> None:
 
 def missing_tools(*tools: str) -> list[str]:
     return [t for t in tools if shutil.which(t) is None]
+
+
+def missing_engines() -> str | None:
+    """What the call benchmarks need and this machine lacks, with how to install it; None: nothing."""
+    missing = missing_tools("kamailio", "kamcmd", "sipp", "rtpengine", "haproxy", "dumpcap")
+    if not missing:
+        return None
+    return f"missing: {', '.join(missing)} (dumpcap: apt-get install wireshark-common; the others: ./scripts/setup.sh)"
 
 
 # -- the lab as a whole -----------------------------------------------------------------------------

@@ -33,8 +33,9 @@ missing or unreadable entry as "that process is gone" and skips it.
 from __future__ import annotations
 
 import os
+import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "pss_rss_kib",
     "sample",
     "start_time",
+    "stop_processes",
     "tree_pids",
 ]
 
@@ -274,3 +276,22 @@ class CpuSampler:
 def sample(pids_fn: PidsFn, seconds: float) -> float:
     """CPU share, in percent of one core, of ``pids_fn()`` over the next ``seconds`` (see :class:`CpuSampler`)."""
     return CpuSampler(pids_fn).sample(seconds)
+
+
+def stop_processes(known: Mapping[int, int], grace: float = 5.0) -> int:
+    """SIGKILL those of ``known`` (pid -> start time) still running after ``grace`` s; return how many."""
+    deadline = time.monotonic() + grace
+    alive = dict(known)
+    while alive and time.monotonic() < deadline:
+        alive = {pid: st for pid, st in alive.items() if start_time(pid) == st}
+        if alive:
+            time.sleep(0.1)
+    killed = 0
+    for pid, st in alive.items():
+        if start_time(pid) == st:  # still the process we saw, not a reused pid
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed

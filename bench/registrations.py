@@ -111,7 +111,7 @@ from typing import Any
 from agent.config import DEFAULT_KNOBS
 from bench.forwarding import machine, percentile
 from bench.kamailio_uac import UacReg, UacRegConfig, registrar_contacts, registrar_stat
-from bench.proctree import cpu_by_process, process_name, pss_rss_kib, start_time, tree_pids
+from bench.proctree import cpu_by_process, process_name, pss_rss_kib, start_time, stop_processes, tree_pids
 from lab.kamailio import Kamailio, KamailioConfig, free_port
 from tests.integration.agentproc import AgentProcess
 
@@ -366,25 +366,6 @@ def agent_connection(i: int, user: str, password: str, registrar_port: int, expi
         # an address, not a name: this benchmark measures registrations, not DNS lookups
         "internal_uac_settings": {"destination_uri": "1006@127.0.0.1:5999"},
     }
-
-
-def stop_processes(known: dict[int, int], grace: float = 5.0) -> int:
-    """SIGKILL those of ``known`` (pid -> start time) still running after ``grace`` s; return how many."""
-    deadline = time.monotonic() + grace
-    alive = dict(known)
-    while alive and time.monotonic() < deadline:
-        alive = {pid: st for pid, st in alive.items() if start_time(pid) == st}
-        if alive:
-            time.sleep(0.1)
-    killed = 0
-    for pid, st in alive.items():
-        if start_time(pid) == st:  # still the process we saw, not a reused pid
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
-    return killed
 
 
 def shut_agent(agent: BenchAgent, known: dict[int, int]) -> int:
