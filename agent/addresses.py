@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from agent.config import AgentSettings, SipSettings
 
-__all__ = ["WILDCARDS", "Advertised", "advertised_for", "explain", "is_wildcard", "route_source"]
+__all__ = ["WILDCARDS", "Advertised", "advertised_for", "explain", "is_ip", "is_wildcard", "route_source"]
 
 WILDCARDS = frozenset({"0.0.0.0", "::"})
 RESOLVE_TIMEOUT_SEC = 2.0
@@ -44,6 +44,15 @@ CACHE_SEC = 60.0
 _cache: dict[str, tuple[float, str | None]] = {}
 _cache_lock = threading.Lock()
 _pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="resolve")
+
+
+def is_ip(host: str) -> bool:
+    """Whether ``host`` is an IP address (an IPv6 one with or without brackets), not a name."""
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def is_wildcard(address: str | None) -> bool:

@@ -12,11 +12,12 @@ there), except 503 (kamailio.PING_REPLY_CODES). Pure: no sockets, the clock is p
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.addresses import is_ip
+from agent.config import parse_sip_uri
 from agent.edge.messages import EdgeConnection, TlsTarget
 
 __all__ = ["DestinationHealth", "dispatcher_list", "parse_dispatcher_list", "probe_uris"]
@@ -26,31 +27,19 @@ __all__ = ["DestinationHealth", "dispatcher_list", "parse_dispatcher_list", "pro
 INITIAL_FLAGS = 1 | 8  # DS_INACTIVE_DST | DS_PROBING_DST
 
 
-def _transport(uri: str) -> str:
-    for param in uri.split(";")[1:]:
-        name, _, value = param.partition("=")
-        if name.strip().lower() == "transport":
-            return value.strip().lower()
-    return "udp"
-
-
-def _hostport(uri: str) -> tuple[str, int]:
-    rest = uri.split(":", 1)[1] if ":" in uri else uri
-    rest = rest.split(";", 1)[0].split("@")[-1]
-    if rest.startswith("["):
-        host, _, tail = rest[1:].partition("]")
-        port = tail.lstrip(":")
-    else:
-        host, _, port = rest.partition(":")
-    return host, int(port) if port.isdigit() else (5061 if _transport(uri) == "tls" else 5060)
-
-
-def _is_ip(host: str) -> bool:
+def _target(uri: str) -> tuple[str, int, str] | None:
+    """(host, port, transport) of a target URI (parsed as the config parses URIs); None: not one."""
     try:
-        ipaddress.ip_address(host)
+        parts = parse_sip_uri(uri)
     except ValueError:
-        return False
-    return True
+        return None
+    transport = "udp"
+    for param in parts.get("params", "").split(";"):
+        name, _, value = param.partition("=")
+        if name.lower() == "transport":
+            transport = value.lower()
+    port = int(parts["port"]) if "port" in parts else (5061 if transport == "tls" else 5060)
+    return parts["host"].strip("[]"), port, transport
 
 
 def probe_uris(rec: EdgeConnection, tls: Mapping[str, TlsTarget]) -> tuple[str, ...]:
@@ -63,21 +52,17 @@ def probe_uris(rec: EdgeConnection, tls: Mapping[str, TlsTarget]) -> tuple[str, 
     uris = rec.targets or (rec.destination if rec.destination.startswith("sip") else f"sip:{rec.destination}",)
     out: list[str] = []
     for uri in uris:
-        if not _is_ip(_hostport(uri)[0]):
+        target = _target(uri)
+        if target is None or not is_ip(target[0]):
             continue  # a name the agent has not resolved: Kamailio would block on its DNS
-        if _transport(uri) == "tls":
-            host, port = _hostport(uri)
-            key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            t = tls.get(key)
-            if t is None:
-                continue
-            out.append(f"sip:127.0.0.1:{t.local_port};transport=tcp")
-        else:
-            # the Request-URI's user is not part of a ping target
-            host, port = _hostport(uri)
-            h = f"[{host}]" if ":" in host else host
-            tp = _transport(uri)
-            out.append(f"sip:{h}:{port}" + ("" if tp == "udp" else f";transport={tp}"))
+        host, port, transport = target
+        h = f"[{host}]" if ":" in host else host
+        if transport == "tls":
+            t = tls.get(f"{h}:{port}")
+            if t is not None:
+                out.append(f"sip:127.0.0.1:{t.local_port};transport=tcp")
+        else:  # the Request-URI's user is not part of a ping target
+            out.append(f"sip:{h}:{port}" + ("" if transport == "udp" else f";transport={transport}"))
     return tuple(dict.fromkeys(out))
 
 

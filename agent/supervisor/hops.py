@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from agent.addresses import is_ip
 from agent.dns import Resolution, Resolver, Target
 from agent.ipc.messages import Hop, HopTarget
 
@@ -56,16 +57,6 @@ class Hops:
         return (of(self.registration), of(self.destination), frozenset(self.pbx_addresses))
 
 
-def _is_ip(host: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
-
-
 def _label(t: Target) -> str:
     how = t.via if t.via in ("A", "AAAA", "literal") else f"{t.via}, priority {t.priority}, weight {t.weight}"
     name = "" if t.host == t.ip else f"{t.host} "
@@ -90,7 +81,7 @@ class HopResolver:
 
         parts = parse_sip_uri(uri)
         host = parts["host"].strip("[]")
-        if _is_ip(host):
+        if is_ip(host):
             return None
         params = parts.get("params", "").lower()
         if "transport=tcp" in params:
