@@ -9,6 +9,12 @@ it receives by the pattern they carry, and decodes RFC 2833 telephone events
 
 The media relay (rtpengine) passes each packet unchanged, so a packet of the other end's
 pattern arriving here proves that audio was relayed in that direction.
+
+With :meth:`use_srtp` the end speaks SDES-SRTP (AES_CM_128_HMAC_SHA1_80, libsrtp through
+pylibsrtp): it encrypts what it sends with its own key and decrypts what it receives with the
+key the other side's SDP gave; a packet that does not authenticate is counted, never read.
+With ``rtcp`` it also sends an RTCP sender report every 200 ms from port + 1 to the peer's
+port + 1 (RFC 3550's default pairing), as a phone does.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+
+from pylibsrtp import Error as SrtpError
+from pylibsrtp import Policy, Session
 
 __all__ = ["RtpEndpoint"]
 
@@ -36,6 +45,9 @@ class RtpEndpoint:
     packets_in: int = 0
     packets_out: int = 0
     pts: Counter[int] = field(default_factory=Counter)  # payload type -> packets
+    rtcp: bool = False  # send RTCP sender reports from port + 1
+    srtp_errors: int = 0  # packets that did not authenticate with the receiving key
+    rtcp_out: int = 0
 
     def __post_init__(self) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -49,6 +61,12 @@ class RtpEndpoint:
         self._ssrc = 0x1000 + self.port
         self._pending_digits: list[str] = []
         self._last_event: tuple[int, float] | None = None
+        self._tx: Session | None = None
+        self._rx: Session | None = None
+        self._rtcp_sock: socket.socket | None = None
+        if self.rtcp:
+            self._rtcp_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._rtcp_sock.bind((self.host, self.port + 1))
         self._thread = threading.Thread(target=self._run, name=f"rtp-{self.port}", daemon=True)
 
     def start(self) -> RtpEndpoint:
@@ -59,6 +77,21 @@ class RtpEndpoint:
         self._stop.set()
         self._thread.join(2)
         self._sock.close()
+        if self._rtcp_sock is not None:
+            self._rtcp_sock.close()
+
+    def use_srtp(self, send_key: bytes, recv_key: bytes | None) -> None:
+        """Send SRTP keyed with ``send_key`` (the 30 bytes of key and salt this end's SDP gave);
+        read what arrives with ``recv_key`` (the other side's), or as plain RTP with None."""
+        tx = Session(policy=Policy(key=send_key, ssrc_type=Policy.SSRC_ANY_OUTBOUND))
+        rx = None if recv_key is None else Session(policy=Policy(key=recv_key, ssrc_type=Policy.SSRC_ANY_INBOUND))
+        with self._lock:
+            self._tx, self._rx = tx, rx
+
+    def receive_srtp(self, recv_key: bytes) -> None:
+        """Read what arrives as SRTP keyed with ``recv_key``; keep sending as before."""
+        with self._lock:
+            self._rx = Session(policy=Policy(key=recv_key, ssrc_type=Policy.SSRC_ANY_INBOUND))
 
     def send_to(self, peer: tuple[str, int]) -> None:
         """Start sending to ``peer`` (the address the other side's SDP named), as a phone does
@@ -88,8 +121,30 @@ class RtpEndpoint:
 
     def _send(self, data: bytes) -> None:
         if self._peer is not None:
+            if self._tx is not None:
+                data = self._tx.protect(data)
             self._sock.sendto(data, self._peer)
             self.packets_out += 1
+
+    def _send_report(self) -> None:
+        """An RTCP sender report (RFC 3550 6.4.1) with no report blocks."""
+        if self._rtcp_sock is None or self._peer is None:
+            return
+        ntp = time.time() + 2_208_988_800
+        sr = struct.pack(
+            "!BBHIIIIII",
+            0x80,
+            200,
+            6,
+            self._ssrc,
+            int(ntp),
+            int((ntp % 1) * 2**32),
+            self._ts,
+            self.packets_out,
+            self.packets_out * 160,
+        )
+        self._rtcp_sock.sendto(sr, (self._peer[0], self._peer[1] + 1))
+        self.rtcp_out += 1
 
     def _send_digit(self, digit: str) -> None:
         event = _EVENTS.index(digit.upper())
@@ -122,6 +177,12 @@ class RtpEndpoint:
     def _on_packet(self, data: bytes, addr: tuple[str, int]) -> None:
         if len(data) < 12 or data[0] >> 6 != 2:
             return
+        if self._rx is not None:
+            try:
+                data = self._rx.unprotect(data)
+            except SrtpError:
+                self.srtp_errors += 1
+                return
         self._peer = addr
         pt = data[1] & 0x7F
         payload = data[12:]
@@ -144,7 +205,11 @@ class RtpEndpoint:
     def _run(self) -> None:
         frame = bytes([self.pattern]) * 160
         next_tick = time.monotonic()
+        ticks = 0
         while not self._stop.is_set():
+            ticks += 1
+            if ticks % 10 == 0:
+                self._send_report()
             with self._lock:
                 digit = self._pending_digits.pop(0) if self._pending_digits and self._peer else None
             if digit is not None:

@@ -24,6 +24,7 @@ from agent.edge.messages import (
     CallEnded,
     CallFailover,
     CallFinal,
+    CallPlainRtp,
     CallRedirected,
     CallRejected,
     CallStarted,
@@ -114,6 +115,8 @@ class CallBook:
         )
 
     def _rejected(self, ev: CallRejected) -> None:
+        if self._calls.pop(ev.call_id, None) is not None:  # refused after it started (media_unavailable)
+            self._set_active(ev.connection_id, self._active.get(ev.connection_id, 0) - 1)
         self._metrics.inbound_rejected.labels(connection_id=ev.connection_id, reason=ev.reason).inc()
         if ev.connection_id and ev.method == "INVITE":
             self._metrics.calls.labels(connection_id=ev.connection_id, result=CallResult.REJECTED.value).inc()
@@ -189,6 +192,15 @@ class CallBook:
             target=self._describe(ev.connection_id, ev.next) if ev.next else None,
         )
 
+    def _plain_rtp(self, ev: CallPlainRtp) -> None:
+        self._log.info(
+            "leg_b_plain_rtp",
+            connection_id=ev.connection_id,
+            call_id_a=ev.call_id,
+            target=self._describe(ev.connection_id, ev.target) if ev.target else None,
+            detail="the destination refused SDES-SRTP (488); offered again as plain RTP, SRTP kept towards the PBX",
+        )
+
     _handlers: dict[type, Callable[[CallBook, Any], None]] = {
         CallStarted: _started,
         CallRejected: _rejected,
@@ -196,5 +208,6 @@ class CallBook:
         CallFinal: _final,
         CallEnded: _ended,
         CallFailover: _failover,
+        CallPlainRtp: _plain_rtp,
         TcpClosed: lambda _self, _ev: None,
     }

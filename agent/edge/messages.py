@@ -22,6 +22,7 @@ __all__ = [
     "CallEnded",
     "CallFailover",
     "CallFinal",
+    "CallPlainRtp",
     "CallRedirected",
     "CallRejected",
     "CallStarted",
@@ -173,6 +174,18 @@ class CallFailover:
 
 
 @dataclass(frozen=True)
+class CallPlainRtp:
+    """The destination refused the PBX's SDES-SRTP offer (488): leg B is offered again to the
+    same target (``target``: its URI, "" for the Request-URI) as plain RTP, and the relay keeps
+    SRTP towards the PBX."""
+
+    connection_id: str
+    call_id: str
+    target: str
+    at: float
+
+
+@dataclass(frozen=True)
 class CallEnded:
     """An answered call ended (BYE from either side, or the dialog timed out)."""
 
@@ -206,7 +219,17 @@ class TlsFailure:
     reason: str
 
 
-EdgeEvent = CallStarted | CallRejected | CallRedirected | CallFinal | CallFailover | CallEnded | TcpClosed | TlsPending
+EdgeEvent = (
+    CallStarted
+    | CallRejected
+    | CallRedirected
+    | CallFinal
+    | CallFailover
+    | CallPlainRtp
+    | CallEnded
+    | TcpClosed
+    | TlsPending
+)
 
 # What HAProxy logs for a connection to a TLS target that ended in error (agent/edge/haproxy.py)
 _TLS_OUT = re.compile(r"tls_out port=(\d+) name=(\S*) state=(\S+) ssl_err=(\S*) reason=(.*)$")
@@ -264,6 +287,8 @@ def parse_event(data: bytes) -> EdgeEvent:
         return CallFinal(cid, ci, i("code"), s("by"), at, _time(obj.get("t0")))
     if kind == "failover":
         return CallFailover(cid, ci, s("by"), i("code"), at, s("next"))
+    if kind == "plain_rtp":
+        return CallPlainRtp(cid, ci, s("by"), at)
     if kind == "end":
         return CallEnded(cid, ci, at, _time(obj.get("t0")))
     if kind == "tls_pending":

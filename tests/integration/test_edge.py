@@ -7,6 +7,7 @@ callers and the destination, and RTP ends from lab/rtp.py carry audio.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -619,3 +620,86 @@ def test_the_destination_is_pinged_and_its_health_shown(call_lab: Callable[..., 
     wait_until(lambda: reachable() is True, 15, "the destination reachable again")
     assert any(e.get("event") == "destination_reachable" for e in lab.agent.logs())
     assert lab.agent.status("c-fwd")["registered"] is True  # the pings never touch the registration
+
+
+def _sdes(sdp: str) -> tuple[str, str, bytes]:
+    """(the m= line's profile, the crypto line's suite, its 30 bytes of key and salt) of an SDP
+    with exactly one a=crypto line."""
+    profile = re.search(r"^m=audio \d+ (\S+) ", sdp, re.M)
+    crypto = re.findall(r"^a=crypto:\d+ (\S+) inline:([A-Za-z0-9+/=]+)", sdp, re.M)
+    assert profile is not None and len(crypto) == 1, sdp
+    suite, key = crypto[0]
+    return profile.group(1), suite, base64.b64decode(key)
+
+
+@pytest.mark.parametrize("destination", ["srtp", "plain"])
+def test_sdes_srtp_from_the_pbx_is_bridged_to_what_the_destination_accepts(
+    call_lab: Callable[..., CallLab], destination: str
+) -> None:
+    """The PBX offers SDES-SRTP (RTP/SAVP, its own key). A destination that takes SRTP gets it
+    end to end: the PBX's key is offered on, the destination's answered back, and the relay
+    passes the packets through encrypted. One that answers 488 gets the same call offered
+    again as plain RTP, never a key; the PBX still gets SRTP, keyed by the relay, which
+    encrypts and decrypts that leg. Audio crosses both ways (libsrtp at each end: a packet
+    under any other key would not authenticate)."""
+    lab = call_lab()
+    pbx_key, dest_key = os.urandom(30), os.urandom(30)
+    pbx_rtp = RtpEndpoint(free_port(), fw.PBX_PATTERN).start()
+    dest_rtp = RtpEndpoint(free_port(), fw.DEST_PATTERN).start()
+    try:
+        if destination == "srtp":
+            dest = lab.dest(
+                "dest_answer_srtp.xml",
+                rtp_port=str(dest_rtp.port),
+                variables={"crypto_key": base64.b64encode(dest_key).decode()},
+            )
+        else:
+            dest = lab.dest("dest_refuse_srtp.xml", rtp_port=str(dest_rtp.port))
+        pbx = lab.pbx(
+            "pbx_call_srtp.xml",
+            rtp_port=pbx_rtp.port,
+            variables={"crypto_key": base64.b64encode(pbx_key).decode()},
+            timeout=30,
+            extra_args=["-d", "3000"],
+        )
+        wait_until(lambda: any("m=audio" in r.body for r in pbx.received_responses(200)), 15, "the PBX's answer")
+        invites = dest.received_requests("INVITE")
+        answer_at_pbx = next(r.body for r in pbx.received_responses(200) if "m=audio" in r.body)
+        profile, suite, relay_key_a = _sdes(answer_at_pbx)
+        assert (profile, suite) == ("RTP/SAVP", "AES_CM_128_HMAC_SHA1_80"), answer_at_pbx
+        pbx_rtp.use_srtp(pbx_key, relay_key_a)
+        pbx_rtp.send_to(media_of(answer_at_pbx))
+        offer_b = invites[-1].body
+        if destination == "srtp":
+            assert len(invites) == 1, [m.body for m in invites]
+            assert re.search(r"^m=audio \d+ RTP/SAVP ", offer_b, re.M), offer_b
+            keys_b = {
+                base64.b64decode(k)
+                for k in re.findall(r"^a=crypto:\d+ AES_CM_128_HMAC_SHA1_80 inline:([A-Za-z0-9+/=]+)", offer_b, re.M)
+            }
+            assert keys_b == {pbx_key}, offer_b  # SRTP to SRTP: end to end, the PBX's key
+            assert relay_key_a == dest_key, answer_at_pbx  # ... and the destination's back
+            dest_rtp.use_srtp(dest_key, pbx_key)
+        else:
+            assert len(invites) == 2, [m.body for m in invites]
+            assert re.search(r"^m=audio \d+ RTP/SAVP ", invites[0].body, re.M), invites[0].body
+            assert re.search(r"^m=audio \d+ RTP/AVP ", offer_b, re.M), offer_b
+            assert "a=crypto" not in offer_b, offer_b  # plain RTP: no key goes to the destination
+            assert relay_key_a != pbx_key  # the relay's own key: it terminates SRTP towards the PBX
+        dest_rtp.send_to(media_of(offer_b))
+        wait_until(
+            lambda: pbx_rtp.count_of(fw.DEST_PATTERN) > 20 and dest_rtp.count_of(fw.PBX_PATTERN) > 20,
+            10,
+            "audio both ways",
+        )
+        assert pbx_rtp.srtp_errors == 0 and dest_rtp.srtp_errors == 0, (pbx_rtp.srtp_errors, dest_rtp.srtp_errors)
+        assert pbx.wait(30) == 0, pbx.output()[-3000:]
+        assert dest.wait(10) == 0, dest.output()[-3000:]
+    finally:
+        pbx_rtp.stop()
+        dest_rtp.stop()
+    assert [r.status_code for r in pbx.received_responses(488)] == []  # the PBX never saw the refusal
+    wait_until(lambda: metric(lab.agent, "uac_agent_calls_total", result="answered") == 1, 10, "the call counted")
+    if destination == "plain":
+        logged = lab.agent.events("leg_b_plain_rtp")
+        assert len(logged) == 1 and logged[0]["connection_id"] == "c-fwd", logged

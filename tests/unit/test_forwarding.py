@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from agent.core.forwarding import (
     CallResult,
@@ -16,9 +18,11 @@ from agent.core.forwarding import (
     request_uri,
     result_for_code,
 )
+from agent.edge.calls import CallBook
 from agent.edge.messages import (
     CallEnded,
     CallFinal,
+    CallPlainRtp,
     CallRejected,
     CallStarted,
     EdgeConnection,
@@ -26,6 +30,7 @@ from agent.edge.messages import (
     TcpClosed,
     parse_event,
 )
+from agent.metrics import Metrics
 
 INVITE = (
     "INVITE sip:frank@127.0.0.1:5070;line=c-1 SIP/2.0\r\n"
@@ -151,6 +156,35 @@ def test_edge_events_are_typed_values() -> None:
     )
     assert parse_event(event(ev="end", cid="c", ci="x", t="3", t0="1")) == CallEnded("c", "x", 3.0, 1.0)
     assert parse_event(event(ev="tcp_closed", ip="127.0.0.1", port=5060)) == TcpClosed("127.0.0.1", 5060)
+    assert parse_event(event(ev="plain_rtp", cid="c", ci="x", code="488", by="sip:d1:5060", t="2")) == CallPlainRtp(
+        "c", "x", "sip:d1:5060", 2.0
+    )
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda event, **kw: self.lines.append((event, kw))
+
+
+def test_a_call_the_media_relay_refuses_after_it_started_is_no_longer_active() -> None:
+    """start, then rejected media_unavailable (the relay refused leg B's offer): counted once, as
+    rejected, and not left active."""
+    registry = CollectorRegistry()
+    log = _Log()
+    book = CallBook(Metrics(registry), log)
+    book.on_event(CallStarted("c-1", "abc", "127.0.0.1", "", "sip:x;line=c-1", 1.0, "udp"))
+    assert book.active == {"c-1": 1}
+    book.on_event(CallRejected("c-1", "abc", "INVITE", "media_unavailable", 503, "127.0.0.1", "udp", "sip:x", 1.1))
+    assert book.active == {"c-1": 0}
+    calls = registry.get_sample_value("uac_agent_calls_total", {"connection_id": "c-1", "result": "rejected"})
+    refused = registry.get_sample_value(
+        "uac_agent_inbound_rejected_total", {"connection_id": "c-1", "reason": "media_unavailable"}
+    )
+    assert (calls, refused) == (1.0, 1.0)
+    assert [e for e, _ in log.lines] == ["call_started", "call_rejected"]
 
 
 @pytest.mark.parametrize("raw", [b"not json", b"[1]", json.dumps({"ev": "nonsense"}).encode(), b"\xff"])
