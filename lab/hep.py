@@ -90,6 +90,11 @@ class HepCollector:
         with self._lock:
             return [p for p in self.packets if p.proto_type == PROTO_SIP]
 
+    def rtcp(self) -> list[HepPacket]:
+        """rtpengine's RTCP statistics (one JSON object per report it relayed)."""
+        with self._lock:
+            return [p for p in self.packets if p.proto_type == PROTO_RTCP_JSON]
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:

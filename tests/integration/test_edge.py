@@ -347,14 +347,26 @@ def test_an_edge_process_killed_is_back_the_binding_stays_and_a_new_call_is_answ
 
 def test_hep_capture_gets_both_legs_of_a_call(call_lab: Callable[..., CallLab]) -> None:
     """``capture.hep_address``: the collector gets the call's INVITE and 200 on both legs (PBX to
-    edge, edge to destination) as HEP3 with the agent's capture id."""
+    edge, edge to destination) as HEP3 with the agent's capture id, and rtpengine's statistics of
+    the RTCP sender reports both ends send (HEP type 5, JSON)."""
     collector = HepCollector().start()
+    pbx_rtp = RtpEndpoint(free_port(), fw.PBX_PATTERN, rtcp=True).start()
+    dest_rtp = RtpEndpoint(free_port(), fw.DEST_PATTERN, rtcp=True).start()
     try:
         lab = call_lab(capture={"hep_address": collector.address, "hep_id": 4242})
-        dest = lab.dest("dest_answer.xml")
-        pbx = lab.pbx("pbx_call.xml", timeout=20)
+        dest = lab.dest("dest_answer.xml", rtp_port=str(dest_rtp.port))
+        pbx = lab.pbx("pbx_call.xml", rtp_port=pbx_rtp.port, timeout=20, extra_args=["-d", "2000"])
+        fw.connect_media(pbx, dest, pbx_rtp, dest_rtp)
+        wait_until(lambda: pbx_rtp.rtcp_out >= 3 and dest_rtp.rtcp_out >= 3, 10, "RTCP reports sent both ways")
         assert pbx.wait(30) == 0, pbx.output()[-2000:]
         dest.stop()
+        # rtpengine's RTCP statistics: one JSON record per report it relayed, with the sender's SSRC
+        wait_until(lambda: len(collector.rtcp()) >= 2, 5, "RTCP statistics")
+        stats = [json.loads(p.text) for p in collector.rtcp()]
+        ssrcs = {st.get("ssrc") for st in stats}
+        assert {0x1000 + pbx_rtp.port, 0x1000 + dest_rtp.port} <= ssrcs, stats
+        assert all(st.get("type") == 200 for st in stats), stats  # sender reports
+        assert {p.capture_id for p in collector.rtcp()} == {4242}
         call_id = pbx.sent_requests("INVITE")[0].call_id
         wait_until(
             lambda: len([p for p in collector.sip() if p.first_line.startswith("INVITE ")]) >= 2, 5, "both INVITEs"
@@ -370,6 +382,8 @@ def test_hep_capture_gets_both_legs_of_a_call(call_lab: Callable[..., CallLab]) 
         assert collector.errors == 0
     finally:
         collector.stop()
+        pbx_rtp.stop()
+        dest_rtp.stop()
 
 
 def test_hold_and_resume_from_either_side_and_refer_from_the_destination(call_lab: Callable[..., CallLab]) -> None:
