@@ -546,7 +546,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=3.0, help="seconds after the ramp before measuring")
     parser.add_argument("--measure", type=float, default=20.0, help="seconds measured with all calls up")
     parser.add_argument("--ip-base", default="127.0.0.60", help="the first of the 5 loopback addresses used")
-    parser.add_argument("--max-calls", type=int, default=2000, help="the agent's sip.max_calls and max_calls")
+    parser.add_argument(
+        "--max-calls",
+        type=int,
+        default=2000,
+        help="the agent's sip.max_calls (the connection has no max_calls of its own)",
+    )
     parser.add_argument(
         "--media-max-cpu",
         type=float,

@@ -182,10 +182,53 @@ class RunResult:
     capture: CaptureStats | None = None
     rejected: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    round: int = 1
+    rounds: int = 1  # how many runs a merged result stands for
 
     @property
     def clean(self) -> bool:
         return self.failed == 0 and self.placed >= self.planned
+
+
+def merged(runs: list[RunResult]) -> RunResult:
+    """The runs of one setup at one rate over every round, as one: counts summed, hops pooled
+    (p50/p99 over every answered call of every round), CPU averaged; 100 and answer times are
+    the median of the rounds' p50s and p99s."""
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    out = RunResult(first.setup, first.rate, sum(r.planned for r in runs), rounds=len(runs))
+    out.placed = sum(r.placed for r in runs)
+    out.answered = sum(r.answered for r in runs)
+    out.failed = sum(r.failed for r in runs)
+    out.finals = dict(sum((Counter(r.finals) for r in runs), Counter()))
+    out.bye_failed = sum(r.bye_failed for r in runs)
+    out.invite_retransmissions = sum(r.invite_retransmissions for r in runs)
+    out.achieved_cps = sum(r.achieved_cps for r in runs) / len(runs)
+    out.hop_invite = [v for r in runs for v in r.hop_invite]
+    out.hop_ok = [v for r in runs for v in r.hop_ok]
+    out.hop_invite_ms, out.hop_ok_ms = _pp(out.hop_invite), _pp(out.hop_ok)
+    for name in ("trying_ms", "answer_ms"):
+        keys = {k for r in runs for k in getattr(r, name)}
+        setattr(out, name, {k: _median([getattr(r, name).get(k, math.nan) for r in runs]) for k in keys})
+    cpus = [r.cpu for r in runs if r.cpu is not None]
+    if cpus:
+        names = {k for c in cpus for k in c.by_process}
+        out.cpu = CpuFigures(
+            sum(c.percent for c in cpus) / len(cpus),
+            {k: sum(c.by_process.get(k, 0.0) for c in cpus) / len(cpus) for k in names},
+            sum(c.seconds for c in cpus),
+        )
+    out.cpu_ms_per_call = sum(r.cpu_ms_per_call for r in runs) / len(runs)
+    out.host_busy_pct = sum(r.host_busy_pct for r in runs) / len(runs)
+    out.rejected = dict(sum((Counter(r.rejected) for r in runs), Counter()))
+    out.elapsed_s = sum(r.elapsed_s for r in runs)
+    return out
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(v for v in values if not math.isnan(v))
+    return percentiles(ordered, (50,))[0] if ordered else math.nan
 
 
 @dataclass(frozen=True)
@@ -197,6 +240,7 @@ class Plan:
     warmup: int
     rtp: bool
     keep: bool
+    rounds: int = 1
 
 
 def run_one(lab: CallLab, plan: Plan, setup: str, rate: float, calls: int, tag: str, measure: bool = True) -> RunResult:
@@ -325,10 +369,21 @@ def _pooled(runs: list[RunResult], name: str) -> float:
 
 
 def report(results: list[RunResult], plan: Plan) -> tuple[str, dict[str, Any]]:
-    by = {(r.setup, r.rate): r for r in results}
+    grouped: dict[tuple[str, float], list[RunResult]] = {}
+    for r in results:
+        grouped.setdefault((r.setup, r.rate), []).append(r)
+    by = {key: merged(runs) for key, runs in grouped.items()}
     lines = [
         "Per rate; ms, p50 / p99 over answered calls. hop: at the middle (agent edge, baseline Kamailio), from",
         "kernel packet timestamps; 100: INVITE in to the middle's 100 out; answer: the PBX's INVITE to its 200.",
+        *(
+            [
+                f"{plan.rounds} rounds, the setups' order alternating; each row pools a setup's rounds at that "
+                "rate (hops over every answered call; CPU averaged; 100 and answer: median of the rounds)."
+            ]
+            if plan.rounds > 1
+            else []
+        ),
         "",
         "| setup | cps asked | cps sent | calls | failed | PBX finals | INVITE resent | hop INVITE | hop 200 "
         "| 100 | answer | CPU middle | CPU per call | host busy |",
@@ -336,22 +391,22 @@ def report(results: list[RunResult], plan: Plan) -> tuple[str, dict[str, Any]]:
     ]
     for rate in plan.rates:
         for s in plan.setups:
-            r = by.get((s, rate))
-            if r is None:
+            m = by.get((s, rate))
+            if m is None:
                 continue
             lines.append(
-                f"| {s} | {rate:g} | {fmt(r.achieved_cps, 1)} | {r.placed} | {r.failed} | {_finals_text(r)} "
-                f"| {r.invite_retransmissions} | {_p(r.hop_invite_ms)} | {_p(r.hop_ok_ms)} | {_p(r.trying_ms)} "
-                f"| {_p(r.answer_ms)} | {fmt(r.cpu.percent if r.cpu and s != 'floor' else math.nan, 1, ' %')} "
-                f"| {fmt(r.cpu_ms_per_call if s != 'floor' else math.nan, 3, ' ms')} "
-                f"| {fmt(r.host_busy_pct, 0, ' %')} |"
+                f"| {s} | {rate:g} | {fmt(m.achieved_cps, 1)} | {m.placed} | {m.failed} | {_finals_text(m)} "
+                f"| {m.invite_retransmissions} | {_p(m.hop_invite_ms)} | {_p(m.hop_ok_ms)} | {_p(m.trying_ms)} "
+                f"| {_p(m.answer_ms)} | {fmt(m.cpu.percent if m.cpu and s != 'floor' else math.nan, 1, ' %')} "
+                f"| {fmt(m.cpu_ms_per_call if s != 'floor' else math.nan, 3, ' ms')} "
+                f"| {fmt(m.host_busy_pct, 0, ' %')} |"
             )
     best: dict[str, float | None] = {}
     for s in plan.setups:
         best[s] = None
         for rate in plan.rates:
-            r = by.get((s, rate))
-            if r is None or not r.clean:
+            m = by.get((s, rate))
+            if m is None or not m.clean:
                 break
             best[s] = rate
     both = "agent" in plan.setups and "baseline" in plan.setups
@@ -404,6 +459,19 @@ def report(results: list[RunResult], plan: Plan) -> tuple[str, dict[str, Any]]:
             f"| {label} | {fmt(a, 3, ' ms')} | {fmt(b, 3, ' ms')} | 0 | {ratio(a, b)} "
             f"| <= {GOAL_HOP_RATIO:g}x the baseline | {_goal(ok)} |"
         )
+    if plan.rounds > 1 and both:
+        for k in range(1, plan.rounds + 1):
+            per = {
+                s: [r for r in results if r.setup == s and r.round == k and r.rate in common]
+                for s in ("agent", "baseline")
+            }
+            a_inv, b_inv = _pooled(per["agent"], "hop_invite"), _pooled(per["baseline"], "hop_invite")
+            a_ok, b_ok = _pooled(per["agent"], "hop_ok"), _pooled(per["baseline"], "hop_ok")
+            lines.append(
+                f"| round {k}: hop INVITE / 200 p50 (pooled), agent / baseline | {fmt(a_inv, 3)}, {fmt(a_ok, 3)} "
+                f"| {fmt(b_inv, 3)}, {fmt(b_ok, 3)} | - | {ratio(a_inv, b_inv)} / {ratio(a_ok, b_ok)} "
+                f"| <= {GOAL_HOP_RATIO:g}x | |"
+            )
     for rate in plan.rates:
         a_run, b_run = by.get(("agent", rate)), by.get(("baseline", rate))
         if a_run is None or b_run is None:
@@ -425,16 +493,33 @@ def report(results: list[RunResult], plan: Plan) -> tuple[str, dict[str, Any]]:
     lines += ["", "CPU of the middle by process (% of one core over the run):", ""]
     for rate in plan.rates:
         for s in plan.setups:
-            r = by.get((s, rate))
-            if r is None or r.cpu is None or s == "floor":
+            m = by.get((s, rate))
+            if m is None or m.cpu is None or s == "floor":
                 continue
-            parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r.cpu.by_process.items(), key=lambda kv: -kv[1]))
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(m.cpu.by_process.items(), key=lambda kv: -kv[1]))
             lines.append(f"- {s} {rate:g} cps: {parts}")
     summary = {"highest_clean_cps": best, "pooled_rates": common, "pooled": pooled}
     return "\n".join(lines), summary
 
 
 # -- command line -----------------------------------------------------------------------------------
+
+
+def _in_rounds(plan: Plan) -> str:
+    return f" in each of {plan.rounds} rounds" if plan.rounds > 1 else ""
+
+
+def _progress(r: RunResult, rnd: int, rounds: int) -> None:
+    prefix = f"  round {rnd}/{rounds}" if rounds > 1 else " "
+    print(
+        f"{prefix} {r.setup:8} {r.rate:5g} cps: {r.answered}/{r.planned} answered ({_finals_text(r)}), "
+        f"{r.invite_retransmissions} INVITEs resent, hop p50 INVITE "
+        f"{fmt(r.hop_invite_ms.get('p50', math.nan), 3)} "
+        f"200 {fmt(r.hop_ok_ms.get('p50', math.nan), 3)} ms, "
+        f"CPU {fmt(r.cpu.percent if r.cpu else math.nan, 1)} % ({fmt(r.cpu_ms_per_call, 3)} ms per call), "
+        f"host {fmt(r.host_busy_pct, 0)} %, {r.elapsed_s:.0f} s",
+        flush=True,
+    )
 
 
 def _rates(text: str) -> list[float]:
@@ -463,11 +548,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rates", type=_rates, default=list(RATES), help="calls per second, e.g. 20,50")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of calls at each rate (calls = rate x s)")
     parser.add_argument("--hold-ms", type=int, default=1000, help="how long an answered call lasts (SIPp -d)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="repeat every rate and setup, the order alternating (figures pooled)"
+    )
     parser.add_argument("--warmup", type=int, default=20, help="calls per setup at 20 cps before measuring")
     parser.add_argument("--setups", type=_setups, default=list(SETUPS), help="agent,baseline,floor (default all)")
     parser.add_argument("--rtp", action="store_true", help="G.711 both ways during each call (PBX sends, dest echoes)")
     parser.add_argument("--ip-base", default="127.0.0.60", help="the first of the 5 loopback addresses used")
-    parser.add_argument("--max-calls", type=int, default=2000, help="the agent's sip.max_calls and max_calls")
+    parser.add_argument(
+        "--max-calls",
+        type=int,
+        default=2000,
+        help="the agent's sip.max_calls (the connection has no max_calls of its own)",
+    )
     parser.add_argument("--media-max-cpu", type=float, help="the agent's edge.media_max_cpu_percent (default 90)")
     parser.add_argument("--sip-processes", type=int, default=4, help="edge.sip_processes, and the baseline's children")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -479,7 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(missing, file=sys.stderr)
         return 2
     hosts = Hosts.from_base(args.ip_base)
-    plan = Plan(args.rates, args.setups, args.seconds, args.hold_ms, args.warmup, args.rtp, args.keep)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    plan = Plan(args.rates, args.setups, args.seconds, args.hold_ms, args.warmup, args.rtp, args.keep, args.rounds)
     given = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join([".venv/bin/python", "-m", "bench.cps", *given])
     info = machine()
@@ -503,21 +598,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s in plan.setups if plan.warmup > 0 else ():
             k += 1
             run_one(lab, plan, s, 20.0, plan.warmup, f"{k:02d}-{s}-warmup", measure=False)
-        for rate in plan.rates:
-            for s in plan.setups:
-                k += 1
-                calls = max(2, round(rate * plan.seconds))
-                r = run_one(lab, plan, s, rate, calls, f"{k:02d}-{s}-{rate:g}cps")
-                results.append(r)
-                print(
-                    f"  {s:8} {rate:5g} cps: {r.answered}/{r.planned} answered ({_finals_text(r)}), "
-                    f"{r.invite_retransmissions} INVITEs resent, hop p50 INVITE "
-                    f"{fmt(r.hop_invite_ms.get('p50', math.nan), 3)} "
-                    f"200 {fmt(r.hop_ok_ms.get('p50', math.nan), 3)} ms, "
-                    f"CPU {fmt(r.cpu.percent if r.cpu else math.nan, 1)} % ({fmt(r.cpu_ms_per_call, 3)} ms per call), "
-                    f"host {fmt(r.host_busy_pct, 0)} %, {r.elapsed_s:.0f} s",
-                    flush=True,
-                )
+        for rnd in range(1, plan.rounds + 1):
+            # the setups' order alternates between rounds, so that neither always runs first
+            order = plan.setups if rnd % 2 else list(reversed(plan.setups))
+            for rate in plan.rates:
+                for s in order:
+                    k += 1
+                    calls = max(2, round(rate * plan.seconds))
+                    r = run_one(lab, plan, s, rate, calls, f"{k:02d}-{s}-{rate:g}cps")
+                    r.round = rnd
+                    results.append(r)
+                    _progress(r, rnd, plan.rounds)
     except KeyboardInterrupt:
         print("interrupted: everything started is stopped", file=sys.stderr)
         return 130
@@ -530,8 +621,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(machine_line(info))
     print(
-        f"{plan.seconds:g} s of calls per rate and setup, each held {plan.hold_ms} ms after its 200; the destination "
-        f"answers at once (180, 200){'; G.711 both ways during each call' if plan.rtp else '; no RTP'}; "
+        f"{plan.seconds:g} s of calls per rate and setup{_in_rounds(plan)}, each held {plan.hold_ms} ms after its "
+        f"200; the destination answers at once (180, 200)"
+        f"{'; G.711 both ways during each call' if plan.rtp else '; no RTP'}; "
         f"the run took {elapsed:.0f} s"
     )
     print(f"setups: {'; '.join(f'{s} = {MIDDLE[s]}' for s in plan.setups)}")

@@ -228,8 +228,9 @@ def rtpengine_argv(host: str, ng_port: int, rundir: Path, threads: int = 2) -> l
 class EdgeAgent:
     """``python -m agent run`` in a session of its own, with one UDP connection (docs/edge.md).
 
-    ``sip.max_calls`` and the connection's ``max_calls`` are ``max_calls``; the PBX's address is
-    the connection's ``allowed_sources``, so the PBX SIPp may call the Contact straight.
+    ``sip.max_calls`` is ``max_calls``; the connection has no ``max_calls`` of its own (the
+    default), so only the agent's limit is counted per INVITE. The PBX's address is the
+    connection's ``allowed_sources``, so the PBX SIPp may call the Contact straight.
     """
 
     def __init__(
@@ -288,7 +289,6 @@ class EdgeAgent:
                     "internal_uac_settings": {
                         "destination_uri": f"1006@{hosts.dest}:{SIP_PORT}",
                         "allowed_sources": [f"{hosts.pbx}/32"],
-                        "max_calls": max_calls,
                     },
                 }
             ],

@@ -38,6 +38,10 @@ __all__ = ["CallBook"]
 # Calls the book remembers the answer time of, at most (an answered call's entry goes when
 # it ends; a lost end event must not grow it for ever).
 MAX_TRACKED = 100_000
+# Events of calls whose start has not come yet, at most: Kamailio tells a call's start once its
+# INVITE is on the way, so the destination's answer, told by another of its processes, may
+# overtake it. Such events wait for the start (a lost start must not grow this for ever).
+MAX_EARLY = 1_000
 
 _DETAILS = {
     "unknown_contact": "no connection registered this Contact",
@@ -71,12 +75,21 @@ class CallBook:
         self._on_active = on_active
         self._active: dict[str, int] = {}
         self._calls: dict[str, _Call] = {}
+        self._early: dict[str, list[CallFinal | CallEnded | CallFailover | CallPlainRtp]] = {}
         self.active: Mapping[str, int] = MappingProxyType({})
 
     def on_event(self, ev: EdgeEvent) -> None:
+        if isinstance(ev, _OF_A_STARTED_CALL) and ev.call_id not in self._calls:
+            self._hold(ev)
+            return
         handler = self._handlers.get(type(ev))
         if handler is not None:
             handler(self, ev)
+
+    def _hold(self, ev: CallFinal | CallEnded | CallFailover | CallPlainRtp) -> None:
+        if ev.call_id not in self._early and len(self._early) >= MAX_EARLY:
+            self._early.pop(next(iter(self._early)))
+        self._early.setdefault(ev.call_id, []).append(ev)
 
     def reset(self, why: str) -> None:
         """The process that carried the calls is gone: none is active any more."""
@@ -86,6 +99,7 @@ class CallBook:
         if self._calls:
             self._log.warning("calls_dropped", calls=len(self._calls), connections=dropped, reason=why)
         self._calls.clear()
+        self._early.clear()
 
     def _set_active(self, cid: str, n: int) -> None:
         self._active[cid] = max(0, n)
@@ -113,10 +127,10 @@ class CallBook:
             caller=user or None,
             display_name=display or None,
         )
+        for held in self._early.pop(ev.call_id, []):
+            self.on_event(held)
 
     def _rejected(self, ev: CallRejected) -> None:
-        if self._calls.pop(ev.call_id, None) is not None:  # refused after it started (media_unavailable)
-            self._set_active(ev.connection_id, self._active.get(ev.connection_id, 0) - 1)
         self._metrics.inbound_rejected.labels(connection_id=ev.connection_id, reason=ev.reason).inc()
         if ev.connection_id and ev.method == "INVITE":
             self._metrics.calls.labels(connection_id=ev.connection_id, result=CallResult.REJECTED.value).inc()
@@ -211,3 +225,7 @@ class CallBook:
         CallPlainRtp: _plain_rtp,
         TcpClosed: lambda _self, _ev: None,
     }
+
+
+# events that only follow a call's start
+_OF_A_STARTED_CALL = (CallFinal, CallEnded, CallFailover, CallPlainRtp)

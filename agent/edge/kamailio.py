@@ -256,5 +256,5 @@ def argv(cfg: Path, rundir: Path, shm_mib: int) -> list[str]:
     return [
         "kamailio",
         *("-DD", "-E", "-f", str(cfg), "-Y", str(rundir), "-P", str(rundir / "kamailio.pid")),
-        *("-w", str(rundir), "-m", str(shm_mib), "-M", "8"),
+        *("-w", str(rundir), "-m", str(shm_mib), "-M", "8", "-x", "tlsf"),
     ]

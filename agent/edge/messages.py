@@ -248,6 +248,14 @@ def parse_tls_failure(line: str) -> TlsFailure | None:
     return TlsFailure(int(port), "" if name == "-" else name, reason)
 
 
+def _unhex(v: str) -> str:
+    """A Call-ID the edge hex-encoded (``cix``), so that nothing in it needs escaping."""
+    try:
+        return bytes.fromhex(v).decode(errors="replace")
+    except ValueError as e:
+        raise EdgeEventError(f"bad cix {v[:80]!r}") from e
+
+
 def _time(v: object) -> float:
     try:
         return float(str(v))
@@ -276,7 +284,7 @@ def parse_event(data: bytes) -> EdgeEvent:
             return 0
 
     kind = s("ev")
-    cid, ci, at = s("cid"), s("ci"), _time(obj.get("t"))
+    cid, ci, at = s("cid"), s("ci") or _unhex(s("cix")), _time(obj.get("t"))
     if kind == "start":
         return CallStarted(cid, ci, s("src"), s("from"), s("ruri"), at, s("proto"))
     if kind == "rejected":

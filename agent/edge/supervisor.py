@@ -67,12 +67,16 @@ STOP_TIMEOUT_SEC = 3.0
 KEEPER_GRACE_SEC = 3.0
 # Engine output lines logged per second at most (a burst of twice that), the rest counted.
 LOG_LINES_PER_SEC = 50.0
+DROPPED_TOLD_SEC = 1.0  # lines dropped are told (and counted) at most once a second
 _CHILD_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 _KAMAILIO_LEVEL = re.compile(r"^\s*-?\d+\((\d+)\) (\w+):")
 
 
 # How often a running engine's main process is checked for its exit.
 EXIT_POLL_SEC = 0.1
+# calls-in-progress counts reach the pool (status, `uac-agent status`) at most this often: one
+# hand-over per interval, however many calls start and end in it
+ACTIVE_PUBLISH_SEC = 0.1
 
 # A worker's request waits on a TLS target at most this long (its transaction's timer).
 TLS_PENDING_SEC = 40.0
@@ -113,6 +117,7 @@ class _Engine:
     tokens: float = 2 * LOG_LINES_PER_SEC
     refilled: float = 0.0
     dropped: int = 0
+    dropped_told: float = 0.0  # when edge_log_dropped was last logged
 
 
 class Edge:
@@ -122,7 +127,7 @@ class Edge:
         metrics: Metrics,
         logger: Any,
         on_flow_closed: Callable[[str, int], None] | None = None,
-        on_active: Callable[[str, int], None] | None = None,
+        on_active: Callable[[Mapping[str, int]], None] | None = None,
         on_destination: Callable[[str, bool | None], None] | None = None,
     ) -> None:
         self._plan = plan
@@ -141,7 +146,9 @@ class Edge:
         self._stopping = False
         self._tasks: set[asyncio.Future[Any]] = set()
         self._keeper: subprocess.Popen[bytes] | None = None
-        self.calls = CallBook(metrics, self._log, on_active, self._target_label)
+        self._on_active = on_active
+        self._active_pending: dict[str, int] = {}
+        self.calls = CallBook(metrics, self._log, self._active_changed, self._target_label)
         # workers' requests waiting on a TLS target, by its loopback port: (Call-ID, CSeq) -> when
         self._tls_pending: dict[int, dict[tuple[str, str], float]] = {}
         self._tls_waiters: dict[str, list[concurrent.futures.Future[None]]] = {}  # put_tls's, by key
@@ -457,10 +464,10 @@ class Edge:
                 e.dropped += 1
                 continue
             e.tokens -= 1
-            if e.dropped:
+            if e.dropped and now - e.dropped_told >= DROPPED_TOLD_SEC:
                 self._log.warning("edge_log_dropped", process=e.name, lines=e.dropped)
                 self._metrics.log_lines_dropped.inc(e.dropped)
-                e.dropped = 0
+                e.dropped, e.dropped_told = 0, now
             level = _level(e.name, line)
             getattr(self._log, level)("edge_log", process=e.name, line=line[:2000])
             if e.name == "haproxy":
@@ -661,6 +668,19 @@ class Edge:
             finally:
                 if kind == "tls" and isinstance(item, TlsTarget):
                     self._tls_told(item.key)
+
+    def _active_changed(self, cid: str, count: int) -> None:
+        """A connection's calls in progress changed (edge loop): handed on in one batch."""
+        if self._on_active is None:
+            return
+        if not self._active_pending:
+            self._loop.call_later(ACTIVE_PUBLISH_SEC, self._publish_active)
+        self._active_pending[cid] = count
+
+    def _publish_active(self) -> None:
+        pending, self._active_pending = self._active_pending, {}
+        if pending and self._on_active is not None:
+            self._on_active(pending)
 
     async def _read_events(self) -> None:
         k = self._engines["kamailio"]

@@ -22,7 +22,7 @@ from agent.supervisor.specs import EdgeRecords, default_address
 __all__ = ["plan_edge"]
 
 _KAMAILIO_LEVELS = {"debug": 2, "info": 1, "warning": 0, "error": -1}
-_RTPENGINE_LEVELS = {"debug": 6, "info": 5, "warning": 4, "error": 3}
+_RTPENGINE_LEVELS = {"debug": 6, "info": 4, "warning": 4, "error": 3}
 
 
 def _server_pem(settings: AgentSettings, rundir: Path) -> Path | None:

@@ -220,9 +220,9 @@ class WorkerPool:
         """Whether the connection's destination answers the edge's pings (any thread)."""
         self._loop.call_soon_threadsafe(self._set_reachable, connection_id, reachable)
 
-    def set_calls_active(self, connection_id: str, count: int) -> None:
-        """The edge's count of calls in progress on a connection (any thread), for its status."""
-        self._loop.call_soon_threadsafe(self._set_calls, connection_id, count)
+    def set_calls_active(self, counts: Mapping[str, int]) -> None:
+        """The edge's counts of calls in progress, by connection (any thread), for their status."""
+        self._loop.call_soon_threadsafe(self._set_calls, dict(counts))
 
     def replace_settings(self, settings: AgentSettings) -> None:
         """Use ``settings`` (e.g. new ``defaults``) for connections applied from now on."""
@@ -871,12 +871,11 @@ class WorkerPool:
             self._dirty.add(cid)
             self._publish()
 
-    def _set_calls(self, cid: str, count: int) -> None:
-        calls = dict(self._calls)
-        calls[cid] = count
-        self._calls = calls
-        if cid in self._conns:
-            self._dirty.add(cid)
+    def _set_calls(self, counts: dict[str, int]) -> None:
+        self._calls = {**self._calls, **counts}
+        changed = [cid for cid in counts if cid in self._conns]
+        if changed:
+            self._dirty.update(changed)
             self._publish()
 
     def _start_apply_done(self, fut: asyncio.Future[m.Done], cid: str) -> None:

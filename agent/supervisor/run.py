@@ -89,7 +89,7 @@ def run(settings: AgentSettings, install_signals: bool = True, launcher: Launche
         metrics,
         log,
         on_flow_closed=lambda address, port: pool.flow_closed(address, port),
-        on_active=lambda cid, count: pool.set_calls_active(cid, count),
+        on_active=lambda counts: pool.set_calls_active(counts),
         on_destination=lambda cid, reachable: pool.set_destination_reachable(cid, reachable),
     )
     pool = WorkerPool(service.engine_settings(), launcher, metrics, log, edge=edge, records=records)

@@ -156,6 +156,11 @@ def test_edge_events_are_typed_values() -> None:
     )
     assert parse_event(event(ev="end", cid="c", ci="x", t="3", t0="1")) == CallEnded("c", "x", 3.0, 1.0)
     assert parse_event(event(ev="tcp_closed", ip="127.0.0.1", port=5060)) == TcpClosed("127.0.0.1", 5060)
+    # events written out whole by the edge carry the Call-ID hex-encoded
+    cix = b'a"b\\c@host'.hex()
+    assert parse_event(event(ev="end", cid="c", cix=cix, t="3", t0="1")) == CallEnded("c", 'a"b\\c@host', 3.0, 1.0)
+    with pytest.raises(EdgeEventError):
+        parse_event(event(ev="end", cid="c", cix="not hex", t="3"))
     assert parse_event(event(ev="plain_rtp", cid="c", ci="x", code="488", by="sip:d1:5060", t="2")) == CallPlainRtp(
         "c", "x", "sip:d1:5060", 2.0
     )
@@ -169,22 +174,29 @@ class _Log:
         return lambda event, **kw: self.lines.append((event, kw))
 
 
-def test_a_call_the_media_relay_refuses_after_it_started_is_no_longer_active() -> None:
-    """start, then rejected media_unavailable (the relay refused leg B's offer): counted once, as
-    rejected, and not left active."""
+def test_an_answer_that_overtakes_the_start_of_its_call_waits_for_it() -> None:
+    """Kamailio tells a call's start once its INVITE is on the way; the destination's answer and
+    even the call's end (told by other Kamailio processes) may come first. They wait for the
+    start: the call is counted once, answered, and is no longer active."""
     registry = CollectorRegistry()
     log = _Log()
-    book = CallBook(Metrics(registry), log)
+    counts: list[tuple[str, int]] = []
+    book = CallBook(Metrics(registry), log, lambda cid, n: counts.append((cid, n)))
+    book.on_event(CallFinal("c-1", "abc", 200, "destination", 1.2, 1.0))
+    book.on_event(CallEnded("c-1", "abc", 3.0, 1.0))
+    assert (book.active, log.lines) == ({}, [])  # nothing yet: the call has not started
     book.on_event(CallStarted("c-1", "abc", "127.0.0.1", "", "sip:x;line=c-1", 1.0, "udp"))
-    assert book.active == {"c-1": 1}
-    book.on_event(CallRejected("c-1", "abc", "INVITE", "media_unavailable", 503, "127.0.0.1", "udp", "sip:x", 1.1))
-    assert book.active == {"c-1": 0}
-    calls = registry.get_sample_value("uac_agent_calls_total", {"connection_id": "c-1", "result": "rejected"})
+    assert counts == [("c-1", 1), ("c-1", 0)] and book.active == {"c-1": 0}
+    answered = registry.get_sample_value("uac_agent_calls_total", {"connection_id": "c-1", "result": "answered"})
+    assert answered == 1.0
+    assert [e for e, _ in log.lines] == ["call_started", "call_ended"]
+    assert log.lines[1][1]["duration_sec"] == 2.0
+    # a refusal has no start: counted, and no call is left active
+    book.on_event(CallRejected("c-1", "def", "INVITE", "media_unavailable", 503, "127.0.0.1", "udp", "sip:x", 4.0))
     refused = registry.get_sample_value(
         "uac_agent_inbound_rejected_total", {"connection_id": "c-1", "reason": "media_unavailable"}
     )
-    assert (calls, refused) == (1.0, 1.0)
-    assert [e for e, _ in log.lines] == ["call_started", "call_rejected"]
+    assert refused == 1.0 and book.active == {"c-1": 0}
 
 
 @pytest.mark.parametrize("raw", [b"not json", b"[1]", json.dumps({"ev": "nonsense"}).encode(), b"\xff"])
