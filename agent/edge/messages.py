@@ -30,6 +30,7 @@ __all__ = [
     "EdgeEvent",
     "EdgeEventError",
     "TcpClosed",
+    "TcpPending",
     "TlsTarget",
     "parse_event",
 ]
@@ -202,6 +203,17 @@ class TcpClosed:
 
 
 @dataclass(frozen=True)
+class TcpPending:
+    """A worker's request went to the PBX at ``address``:``port`` over TCP (the connection
+    :class:`TcpClosed` names when it closes)."""
+
+    address: str
+    port: int
+    call_id: str
+    cseq: str
+
+
+@dataclass(frozen=True)
 class TlsPending:
     """A worker's request went to the TLS target behind loopback port ``port``."""
 
@@ -228,6 +240,7 @@ EdgeEvent = (
     | CallPlainRtp
     | CallEnded
     | TcpClosed
+    | TcpPending
     | TlsPending
 )
 
@@ -299,6 +312,8 @@ def parse_event(data: bytes) -> EdgeEvent:
         return CallPlainRtp(cid, ci, s("by"), at)
     if kind == "end":
         return CallEnded(cid, ci, at, _time(obj.get("t0")))
+    if kind == "tcp_pending":
+        return TcpPending(s("ip").strip("[]"), i("port") or 5060, ci, s("cseq"))
     if kind == "tls_pending":
         return TlsPending(i("port"), ci, s("cseq"))
     if kind == "tcp_closed":

@@ -49,6 +49,7 @@ from agent.edge.messages import (
     EdgeConnection,
     EdgeEventError,
     TcpClosed,
+    TcpPending,
     TlsFailure,
     TlsPending,
     TlsTarget,
@@ -60,6 +61,7 @@ from agent.metrics import Metrics
 __all__ = ["Edge", "EdgeError", "EdgePlan"]
 
 T = TypeVar("T")
+K = TypeVar("K", int, tuple[str, int])
 
 READY_TIMEOUT_SEC = 15.0
 STOP_TIMEOUT_SEC = 3.0
@@ -151,6 +153,8 @@ class Edge:
         self.calls = CallBook(metrics, self._log, self._active_changed, self._target_label)
         # workers' requests waiting on a TLS target, by its loopback port: (Call-ID, CSeq) -> when
         self._tls_pending: dict[int, dict[tuple[str, str], float]] = {}
+        # ... and on a PBX over TCP, by its address and port
+        self._tcp_pending: dict[tuple[str, int], dict[tuple[str, str], float]] = {}
         self._tls_waiters: dict[str, list[concurrent.futures.Future[None]]] = {}  # put_tls's, by key
         self._clock = SystemClock()
         ping = plan.kamailio.destination_ping_sec
@@ -699,8 +703,13 @@ class Edge:
                     if isinstance(ev, EdgeEventError):
                         self._log.warning("edge_event_bad", error=str(ev))
                     elif isinstance(ev, TlsPending):
-                        self._note_tls_pending(ev)
+                        _note_pending(self._tls_pending, ev.port, (ev.call_id, ev.cseq))
+                    elif isinstance(ev, TcpPending):
+                        _note_pending(self._tcp_pending, (ev.address, ev.port), (ev.call_id, ev.cseq))
                     elif isinstance(ev, TcpClosed):
+                        waiting = self._tcp_pending.pop((ev.address, ev.port), {})
+                        if waiting:
+                            self._track(self._loop.create_task(self._answer_closed(ev, waiting)))
                         if self._on_flow_closed is not None:
                             self._on_flow_closed(ev.address, ev.port)
                     else:
@@ -717,16 +726,22 @@ class Edge:
 
     # -- TLS targets HAProxy could not reach -------------------------------------------
 
-    def _note_tls_pending(self, ev: TlsPending) -> None:
+    async def _answer_closed(self, ev: TcpClosed, waiting: dict[tuple[str, str], float]) -> None:
+        """The TCP connection to a PBX closed: the workers' requests sent over it that it had not
+        answered get 503 at once, marked as the edge's (the worker reports no answer and its
+        policy retries), instead of waiting 34 s for their timer. One it had answered is no
+        longer a transaction: tm refuses the reply, and nothing happens."""
+        why = f"the TCP connection to {ev.address}:{ev.port} closed before the PBX answered"
         now = time.monotonic()
-        waiting = self._tls_pending.setdefault(ev.port, {})
-        while waiting:  # oldest first (arrival order); a request is answered within 34 s (its timer)
-            key, at = next(iter(waiting.items()))
-            if now - at <= TLS_PENDING_SEC:
-                break
-            del waiting[key]
-        if len(waiting) < MAX_TLS_PENDING:
-            waiting[(ev.call_id, ev.cseq)] = now
+        for (call_id, cseq), at in waiting.items():
+            if now - at > TLS_PENDING_SEC:
+                continue
+            try:
+                await self._rpc.call(
+                    "tm.reply_callid", 503, "Connection closed", call_id, cseq, "", f"X-UAC-Edge: {why}\r\n", ""
+                )
+            except ControlError as err:  # answered meanwhile (or gone): nothing to do
+                self._log.debug("edge_tcp_reply_skipped", call_id=call_id, error=str(err))
 
     async def _answer_tls_failure(self, failure: TlsFailure) -> None:
         """HAProxy refused the target behind ``failure.port`` (or could not reach it): the
@@ -745,6 +760,19 @@ class Edge:
                 )
             except ControlError as err:  # answered meanwhile (or gone): nothing to do
                 self._log.debug("edge_tls_reply_skipped", call_id=call_id, error=str(err))
+
+
+def _note_pending(table: dict[K, dict[tuple[str, str], float]], key: K, request: tuple[str, str]) -> None:
+    """Remember a worker's request (Call-ID, CSeq) sent towards ``key``, for TLS_PENDING_SEC."""
+    now = time.monotonic()
+    waiting = table.setdefault(key, {})
+    while waiting:  # oldest first (arrival order); a request is answered within 34 s (its timer)
+        old, at = next(iter(waiting.items()))
+        if now - at <= TLS_PENDING_SEC:
+            break
+        del waiting[old]
+    if len(waiting) < MAX_TLS_PENDING:
+        waiting[request] = now
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> int:

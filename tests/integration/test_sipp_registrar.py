@@ -139,3 +139,33 @@ def test_short_granted_expiry_refreshes_same_call_id_cseq_increasing_never_lapse
     assert agent.terminate() == 0
     # the unregistration was seen too (Expires: 0)
     assert sipp.received_requests("REGISTER")[-1].expires == 0
+
+
+def test_a_register_in_flight_when_the_tcp_registrar_goes_away_is_answered_at_once(
+    tmp_path: Path, agent_factory: Callable[..., AgentProcess]
+) -> None:
+    """A TCP registrar takes the REGISTER and closes the connection without answering (it
+    restarts). The edge answers the worker's REGISTER itself as soon as the connection closes,
+    so the agent reports why and retries on its own schedule; it does not wait out the 32 s
+    transaction timer."""
+    sipp = Sipp(scenario_path("reg_close_unanswered.xml"), free_port(), {}, tmp_path / "sipp", transport="t1")
+    sipp.start()
+    try:
+        c = conn(sipp, retry_base_sec=30, retry_max_sec=60)
+        c["external_uac_settings"]["transport"] = "TCP"  # type: ignore[index]
+        agent = agent_factory([c])
+        sipp.wait(15)
+        closed = time.monotonic()
+        assert len(sipp.received_requests("REGISTER")) == 1
+        agent.wait_for(
+            lambda: "closed before the PBX answered" in (agent.status("c-sipp")["last_registration_response"] or ""),
+            5,
+            "the edge's answer to the REGISTER in flight",
+        )
+        assert time.monotonic() - closed < 5
+        st = agent.status("c-sipp")
+        assert not st["registered"], st
+        answered = agent.events("register_response")
+        assert "closed before the PBX answered" in str(answered[-1]), answered[-1]
+    finally:
+        sipp.stop()

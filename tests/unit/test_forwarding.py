@@ -28,6 +28,7 @@ from agent.edge.messages import (
     EdgeConnection,
     EdgeEventError,
     TcpClosed,
+    TcpPending,
     parse_event,
 )
 from agent.metrics import Metrics
@@ -156,6 +157,10 @@ def test_edge_events_are_typed_values() -> None:
     )
     assert parse_event(event(ev="end", cid="c", ci="x", t="3", t0="1")) == CallEnded("c", "x", 3.0, 1.0)
     assert parse_event(event(ev="tcp_closed", ip="127.0.0.1", port=5060)) == TcpClosed("127.0.0.1", 5060)
+    # a worker's request on a TCP connection to the PBX (the port 5060 when the URI names none)
+    assert parse_event(event(ev="tcp_pending", ip="[::1]", port="", ci="x", cseq="2 REGISTER")) == TcpPending(
+        "::1", 5060, "x", "2 REGISTER"
+    )
     # events written out whole by the edge carry the Call-ID hex-encoded
     cix = b'a"b\\c@host'.hex()
     assert parse_event(event(ev="end", cid="c", cix=cix, t="3", t0="1")) == CallEnded("c", 'a"b\\c@host', 3.0, 1.0)
