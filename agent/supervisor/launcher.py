@@ -31,12 +31,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
 import agent
 
-__all__ = ["Launched", "Launcher", "ZygoteLauncher", "become_subreaper", "describe_exit"]
+__all__ = ["Launched", "Launcher", "ZygoteLauncher", "become_subreaper", "describe_exit", "worker_environment"]
 
 
 class Launched(Protocol):
@@ -117,16 +118,28 @@ class _Adopted:
                 pass
 
 
+# What the zygote and its workers keep of the supervisor's environment: what Python and the
+# C library need to run, nothing else. Settings reach workers over their socket; an API key,
+# a password in UAC_AGENT_CONNECTIONS, systemd's NOTIFY_SOCKET or a proxy setting never does.
+_KEPT = frozenset({"PATH", "HOME", "TMPDIR", "TZ", "LANG", "LANGUAGE", "LD_LIBRARY_PATH", "VIRTUAL_ENV"})
+_KEPT_PREFIXES = ("LC_", "PYTHON")
+
+
+def worker_environment(environ: Mapping[str, str], root: str) -> dict[str, str]:
+    """The zygote's (and so every worker's) environment: ``environ`` scrubbed, and ``root`` (the
+    directory holding the ``agent`` package) first on PYTHONPATH."""
+    env = {k: v for k, v in environ.items() if k in _KEPT or k.startswith(_KEPT_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
 class ZygoteLauncher:
     """Start worker k by asking the zygote to fork it (the zygote is started, and restarted, as needed)."""
 
     def __init__(self, python: str | None = None, timeout: float = 30.0) -> None:
         self._python = python or sys.executable
         self._timeout = timeout
-        root = str(Path(agent.__file__).resolve().parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-        self._env = env
+        self._env = worker_environment(os.environ, str(Path(agent.__file__).resolve().parent.parent))
         self._lock = threading.Lock()
         self._zygote: subprocess.Popen[bytes] | None = None
         self._ctl: socket.socket | None = None

@@ -219,3 +219,61 @@ def test_the_lab_demo_registers_shows_status_and_puts_a_call_through(tmp_path: P
     assert 'result="answered"' in text
     assert "the call went through" in text
     assert "agent exited with 0" in text
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process under ``root`` (from each /proc/PID/stat's parent pid)."""
+    parents: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(name))
+    out, todo = [], list(parents.get(root, []))
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(parents.get(pid, []))
+    return out
+
+
+def test_no_child_process_gets_a_secret_in_its_environment(kamailio: Kamailio, tmp_path: Path) -> None:
+    """A connection's password in UAC_AGENT_CONNECTIONS and a user key in UAC_AGENT_HTTP__API_KEYS:
+    the agent uses them (the connection registers, the key is accepted), and none of its child
+    processes (the worker zygote, the workers, the edge's engines and keeper) has either in its
+    environment, nor any UAC_AGENT_ variable."""
+    password = "alice-pw"  # the lab registrar's password for alice
+    user_key = "user-key-from-the-environment-0123"
+    agent = AgentProcess(tmp_path / "agent", [])
+    conns = [connection("c-env", f"sip:127.0.0.1:{kamailio.cfg.port}", "UDP", "alice", password=password)]
+    conns[0]["user_id"] = "u-env"
+    agent.start(
+        env={
+            "UAC_AGENT_CONNECTIONS": json.dumps(conns),
+            "UAC_AGENT_HTTP__API_KEYS": json.dumps([{"user_id": "u-env", "api_key": user_key}]),
+        }
+    )
+    try:
+        agent.wait_for(lambda: agent.status("c-env", "u-env")["registered"], 15, "the connection from the environment")
+        assert agent.http_get("/v2/uac_connections/c-env", key=user_key)[0] == 200
+        assert agent.proc is not None
+        children = _descendants(agent.proc.pid)
+        names = set()
+        for pid in children:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+                names.add(Path(f"/proc/{pid}/comm").read_text().strip())
+            except OSError:
+                continue  # gone meanwhile
+            assert password.encode() not in environ, (pid, names)
+            assert user_key.encode() not in environ, (pid, names)
+            assert b"UAC_AGENT_" not in environ, (pid, names)
+        assert {"uac-zygote", "uac-worker-0", "kamailio", "rtpengine", "haproxy", "python"} <= names, (
+            names
+        )  # python: the keeper
+    finally:
+        assert agent.terminate() == 0
