@@ -434,6 +434,16 @@ def _read_key(value: SecretStr | None, path: Path | None, what: str, strip_all: 
     return value
 
 
+MIN_KEY_CHARS = 16  # every Bearer key, the operator's and each user's
+
+
+def _required_key(value: SecretStr | None, path: Path | None) -> SecretStr:
+    key = _read_key(value, path, "api_key")
+    if key is None or len(key.get_secret_value()) < MIN_KEY_CHARS:
+        raise ValueError(f"api_key (or api_key_file) is required and must be at least {MIN_KEY_CHARS} characters")
+    return key
+
+
 class ApiKeySettings(_Strict):
     """A Bearer key that acts for one user: it sees and changes only that user's connections."""
 
@@ -452,9 +462,7 @@ class ApiKeySettings(_Strict):
 
     @model_validator(mode="after")
     def _key(self) -> ApiKeySettings:
-        self.api_key = _read_key(self.api_key, self.api_key_file, "api_key")
-        if self.api_key is None or len(self.api_key.get_secret_value()) < 16:
-            raise ValueError("api_key (or api_key_file) is required and must be at least 16 characters")
+        self.api_key = _required_key(self.api_key, self.api_key_file)
         return self
 
 
@@ -487,9 +495,7 @@ class HttpSettings(_Strict):
 
     @model_validator(mode="after")
     def _key(self) -> HttpSettings:
-        self.api_key = _read_key(self.api_key, self.api_key_file, "api_key")
-        if self.api_key is None or not self.api_key.get_secret_value():
-            raise ValueError("api_key (or api_key_file) is required: the status endpoint needs a Bearer key")
+        self.api_key = _required_key(self.api_key, self.api_key_file)
         return self
 
     @model_validator(mode="after")

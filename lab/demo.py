@@ -33,7 +33,7 @@ from lab.sipp import Sipp, scenario_path
 
 ROOT = Path(__file__).resolve().parents[1]
 USERS = {"office-udp": "lab-secret-1", "office-tcp": "lab-secret-2", "office-tls": "lab-secret-3"}
-API_KEY = "lab-api-key"
+API_KEY = "lab-api-key-0123456"
 MAX_WORKERS = 4
 
 

@@ -16,7 +16,7 @@ from agent.config import AgentSettings, ConfigError, load_settings
 
 GOOD = {
     "sip": {"bind": "127.0.0.1", "port": 5070},
-    "http": {"listen": "127.0.0.1:8080", "api_key": "k3y-secret"},
+    "http": {"listen": "127.0.0.1:8080", "api_key": "k3y-secret-0123456"},
     "connections": [
         {
             "connection_id": "2954035328656082602",
@@ -69,7 +69,7 @@ def test_seed_payload_loads_in_every_format(tmp_path: Path) -> None:
 bind = "127.0.0.1"
 [http]
 listen = "127.0.0.1:8080"
-api_key = "k3y-secret"
+api_key = "k3y-secret-0123456"
 [[connections]]
 connection_id = "2954035328656082602"
 user_id = "323"
@@ -116,11 +116,11 @@ def test_per_connection_knobs_override_defaults(tmp_path: Path) -> None:
 
 
 def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("UAC_AGENT_HTTP__API_KEY", "from-env")
+    monkeypatch.setenv("UAC_AGENT_HTTP__API_KEY", "from-env-0123456789")
     monkeypatch.setenv("UAC_AGENT_SIP__PORT", "5999")
     s = load_settings(write(tmp_path, GOOD))
     assert s.http.api_key is not None
-    assert s.http.api_key.get_secret_value() == "from-env"
+    assert s.http.api_key.get_secret_value() == "from-env-0123456789"
     assert s.sip.port == 5999
     assert s.http.listen == "127.0.0.1:8080"  # the rest of the section is kept
 
@@ -304,7 +304,7 @@ def test_bad_config_exits_2_without_traceback_and_without_secrets(tmp_path: Path
     assert "http.bogus" in res.stderr
     assert "transport" in res.stderr
     assert "s3cret-pw" not in res.stderr + res.stdout
-    assert "k3y-secret" not in res.stderr + res.stdout
+    assert "k3y-secret-0123456" not in res.stderr + res.stdout
 
 
 def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -390,3 +390,24 @@ def test_a_runtime_dir_too_long_for_the_edge_sockets_is_refused_naming_the_field
     assert "edge.runtime_dir" in err and "UNIX socket path" in err, err
     data["edge"] = {"runtime_dir": "/run/uac-agent/edge"}
     assert main(["check-config", "--config", str(write(tmp_path, data))]) == 0
+
+
+@pytest.mark.parametrize("section", ["operator", "user"])
+def test_every_bearer_key_is_at_least_16_characters(tmp_path: Path, section: str) -> None:
+    """The operator's key (http.api_key) has the user keys' minimum length; a shorter one is a
+    config error naming the field, exit 2, the key never echoed."""
+    data = json.loads(json.dumps(GOOD))
+    if section == "operator":
+        data["http"]["api_key"] = "short-key-15chr"
+    else:
+        data["http"]["api_keys"] = [{"user_id": "323", "api_key": "short-key-15chr"}]
+    res = subprocess.run(
+        [sys.executable, "-m", "agent", "check-config", "--config", str(write(tmp_path, data))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    assert "api_key" in res.stderr and "at least 16 characters" in res.stderr, res.stderr
+    assert "short-key-15chr" not in res.stderr + res.stdout  # 15 characters
