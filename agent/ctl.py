@@ -9,7 +9,8 @@ Rules
   connection registered; the reload applied; the action done), 1 it is not (a
   connection not registered; the file refused; the action refused or failed),
   2 the agent cannot be asked (not running, unreachable, wrong key, bad config).
-* The key goes in the Authorization header only; nothing here prints it.
+* The key goes in the Authorization header only, straight to the agent's address: never
+  through an ``http_proxy`` and never on to a redirect's host; nothing here prints it.
 * No pjsua2, no agent internals: only the HTTP API, as any other client.
 """
 
@@ -34,11 +35,20 @@ class AgentUnreachableError(Exception):
     """The agent cannot be asked: not listening, timed out, or it refused the key."""
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as it came (the agent never redirects; the key must not follow)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class Client:
     def __init__(self, base_url: str, api_key: str, timeout: float = 10.0) -> None:
         self.base_url = base_url.rstrip("/")
         self._key = api_key
         self.timeout = timeout
+        # no proxy from the environment, no redirects: the key goes to the agent only
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
 
     @classmethod
     def from_settings(cls, settings: ClientSettings, url: str | None = None, timeout: float = 10.0) -> Client:
@@ -54,7 +64,7 @@ class Client:
             data=b"" if method == "POST" else None,
         )
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:  # noqa: S310
+            with self._opener.open(req, timeout=timeout or self.timeout) as resp:
                 code, raw = resp.status, resp.read()
         except urllib.error.HTTPError as e:
             code, raw = e.code, e.read()
