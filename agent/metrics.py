@@ -24,6 +24,24 @@ _HEARTBEAT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 32.0, 64.0)
 
 
+# Label values a counter has a sample of (0) from the start, so that an alert on increase()
+# sees its first event: every reason the edge refuses a request for, every failover kind, the
+# transports whose flows can drop. (agent/edge/calls.py explains each reason; a test keeps
+# the two lists the same.)
+REJECT_REASONS = (
+    "unknown_contact",
+    "wrong_transport",
+    "source_not_allowed",
+    "no_destination",
+    "over_limit",
+    "media_unavailable",
+    "method_not_allowed",
+)
+UNMATCHED_REASONS = ("unknown_contact", "method_not_allowed")  # with connection_id ""
+FAILOVER_KINDS = ("registration", "leg_b")
+FLOW_TRANSPORTS = ("TCP", "TLS")
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry, version: str = "") -> None:
         label = ["connection_id"]
@@ -197,6 +215,21 @@ class Metrics:
         )
         self._last_info: dict[str, str] = {}
         self._placed: dict[str, str] = {}
+        self._known: set[str] = set()  # connections whose counters were started at 0
+        for transport in FLOW_TRANSPORTS:
+            self.flows_lost.labels(transport=transport)
+        for reason in UNMATCHED_REASONS:
+            self.inbound_rejected.labels(connection_id="", reason=reason)
+
+    def known(self, connection_id: str) -> None:
+        """A connection the agent holds: its alerting counters get their 0 samples (once)."""
+        if connection_id in self._known:
+            return
+        self._known.add(connection_id)
+        for reason in REJECT_REASONS:
+            self.inbound_rejected.labels(connection_id=connection_id, reason=reason)
+        for kind in FAILOVER_KINDS:
+            self.failovers.labels(connection_id=connection_id, kind=kind)
 
     def observe_response(self, connection_id: str, code: int, duration: float | None) -> None:
         self.attempts.labels(connection_id=connection_id, code=str(code)).inc()
@@ -217,7 +250,18 @@ class Metrics:
             self._placed[connection_id] = new
 
     def forget(self, connection_id: str) -> None:
-        """Drop a removed connection's gauges (counters and histograms stay, as Prometheus expects)."""
+        """Drop every series of a removed connection: gauges, counters and histograms (a deleted
+        connection's series end; ``/metrics`` does not grow with every connection ever made)."""
+        self._known.discard(connection_id)
+        for metric in (
+            self.attempts,
+            self.duration,
+            self.failovers,
+            self.calls,
+            self.call_setup,
+            self.inbound_rejected,
+        ):
+            _remove_connection(metric, connection_id)
         for gauge in (
             self.registered,
             self.registration_status,
@@ -247,6 +291,7 @@ class Metrics:
         self.place(connection_id, None)
 
     def publish(self, st: ConnectionStatus) -> None:
+        self.known(st.connection_id)
         cid = st.connection_id
         self.registered.labels(connection_id=cid).set(1 if st.registered else 0)
         for state in ("ACTIVE", "INACTIVE"):
@@ -342,3 +387,22 @@ class WorkerProcessCollector(Collector):
         yield cpu
         yield rss
         yield pss
+
+
+def _remove_connection(metric: Counter | Histogram, connection_id: str) -> None:
+    """Remove each of ``metric``'s children whose connection_id is ``connection_id``."""
+    names = list(metric._labelnames)
+    at = names.index("connection_id")
+    seen: set[tuple[str, ...]] = set()
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.labels.get("connection_id") != connection_id:
+                continue
+            values = tuple(sample.labels.get(n, "") for n in names)
+            if values[at] == connection_id and values not in seen:
+                seen.add(values)
+    for values in seen:
+        try:
+            metric.remove(*values)
+        except KeyError:
+            pass

@@ -426,6 +426,7 @@ class Edge:
             if e.life.state is EngineState.STARTING:
                 e.life.move(Move.READY)
                 self._metrics.edge_up.labels(process=e.name).set(1)
+                self._metrics.edge_restarts.labels(process=e.name)  # 0 until its first restart
                 if e.up_once.is_set():
                     self._log.info("edge_process_restarted", process=e.name, pid=proc.pid, restarts=e.life.restarts)
                 e.up_once.set()

@@ -926,6 +926,7 @@ class WorkerPool:
             if w.ready is not None and not w.ready.done():
                 w.ready.set_result(None)
             self._metrics.worker_up.labels(worker=str(w.index)).set(1)
+            self._metrics.worker_restarts.labels(worker=str(w.index))  # 0 until its first restart
             self._refresh_worker_metrics()
             for cid in w.conns:
                 self._dirty.add(cid)  # their worker_pid
