@@ -80,9 +80,10 @@ EXIT_POLL_SEC = 0.1
 # hand-over per interval, however many calls start and end in it
 ACTIVE_PUBLISH_SEC = 0.1
 
-# A worker's request waits on a TLS target at most this long (its transaction's timer).
-TLS_PENDING_SEC = 40.0
-MAX_TLS_PENDING = 10_000
+# A worker's request waits on a TLS target or a TCP connection to a PBX at most this long (its
+# transaction's timer is 34 s); at most MAX_PENDING are remembered per target.
+PENDING_SEC = 40.0
+MAX_PENDING = 10_000
 
 
 class EdgeError(Exception):
@@ -735,7 +736,7 @@ class Edge:
         why = f"the TCP connection to {ev.address}:{ev.port} closed before the PBX answered"
         now = time.monotonic()
         for (call_id, cseq), at in waiting.items():
-            if now - at > TLS_PENDING_SEC:
+            if now - at > PENDING_SEC:
                 continue
             try:
                 await self._rpc.call(
@@ -764,15 +765,15 @@ class Edge:
 
 
 def _note_pending(table: dict[K, dict[tuple[str, str], float]], key: K, request: tuple[str, str]) -> None:
-    """Remember a worker's request (Call-ID, CSeq) sent towards ``key``, for TLS_PENDING_SEC."""
+    """Remember a worker's request (Call-ID, CSeq) sent towards ``key``, for PENDING_SEC."""
     now = time.monotonic()
     waiting = table.setdefault(key, {})
     while waiting:  # oldest first (arrival order); a request is answered within 34 s (its timer)
         old, at = next(iter(waiting.items()))
-        if now - at <= TLS_PENDING_SEC:
+        if now - at <= PENDING_SEC:
             break
         del waiting[old]
-    if len(waiting) < MAX_TLS_PENDING:
+    if len(waiting) < MAX_PENDING:
         waiting[request] = now
 
 
