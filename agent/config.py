@@ -474,6 +474,10 @@ class HttpSettings(_Strict):
     api_keys: list[ApiKeySettings] = Field(default_factory=list)
     # Owner of connections created with api_key when the request names no user_id.
     default_user_id: str = "default"
+    # Connections served at once (lowered at start-up if the open-file limit is too low for it).
+    max_connections: Annotated[int, Field(ge=16, le=100_000)] = 512
+    # A request must be complete (line, headers, body) this long after its first byte: else 408.
+    request_timeout_sec: Annotated[float, Field(gt=0, le=120)] = 10.0
 
     @field_validator("default_user_id")
     @classmethod

@@ -210,7 +210,8 @@ class Metrics:
         )
         self.log_lines_dropped = Counter(
             "uac_agent_log_lines_dropped",
-            "Log lines dropped rather than let a flood of them slow the agent down.",
+            "Log lines dropped rather than let a flood of them, or a reader of the log that falls behind, "
+            "slow the agent down.",
             registry=registry,
         )
         self._last_info: dict[str, str] = {}

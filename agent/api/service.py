@@ -9,12 +9,15 @@ Rules
   (422), ownership (403), the connection limit (409). Then it is written to the
   store in one transaction, then applied on the worker holding the connection; a change the SIP
   stack refuses is undone in the store.
-* One change at a time (a lock held by changes only). Reads never wait: the
-  records are a mapping replaced whole by each change (copy on write), so a read
-  sees the state before or after a change, never a change in progress.
+* One change at a time per connection. A change waits only for its own connection's
+  earlier change, never for another's: the checks and the store write are made under a
+  short lock that is never held while a worker is waited for. Reads never wait: the
+  records are a mapping replaced whole by each change (copy on write), so a read sees
+  the state before or after a change, never a change in progress.
 * A change the workers do not confirm within ``wait_timeout`` is a 504
   ``change_timeout``, never a success; it may still complete, and its outcome is
-  applied when it does (a late failure is undone as an early one would be).
+  applied when it does (a late failure is undone as an early one would be), on a thread
+  of the service's own: never on the worker pool's event loop.
 * A DELETE unregisters first and forgets the row only after that, so an
   acknowledged delete is durable and an interrupted one leaves the connection.
 """
@@ -25,10 +28,11 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from pydantic import SecretStr, ValidationError
@@ -83,6 +87,14 @@ def _limit_detail(running: int, limit: int) -> str:
     )
 
 
+@dataclass
+class _Turn:
+    """One connection's changes, one at a time; ``users`` counts the changes holding or awaiting it."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    users: int = 0
+
+
 class ConnectionService:
     def __init__(
         self,
@@ -95,7 +107,13 @@ class ConnectionService:
         self._store = store
         self._log = logger
         self._now = clock
-        self._lock = threading.RLock()  # changes only; reads take no lock
+        # The checks and commits of changes: held briefly, never while a worker is waited for.
+        # Reads take no lock.
+        self._lock = threading.RLock()
+        self._turns: dict[str, _Turn] = {}  # by connection id, while a change to it runs or waits
+        self._reload_lock = threading.Lock()  # one reload at a time
+        # Outcomes that come after the 504 are applied here: never on the worker pool's loop.
+        self._late = ThreadPoolExecutor(max_workers=1, thread_name_prefix="late-change")
         self._engine: Engine | None = None
         # The HTTP API's keys (shared with its handlers): a reload swaps them in place.
         self.api_keys: ApiKeys | None = None
@@ -203,10 +221,37 @@ class ConnectionService:
         return self._engine
 
     def _put(self, rec: Record) -> None:
-        self._records = {**self._records, rec.id: rec}
+        with self._lock:
+            self._records = {**self._records, rec.id: rec}
 
     def _drop(self, cid: str) -> None:
-        self._records = {k: v for k, v in self._records.items() if k != cid}
+        with self._lock:
+            self._records = {k: v for k, v in self._records.items() if k != cid}
+
+    @contextmanager
+    def _turn(self, cid: str) -> Iterator[None]:
+        """Wait for the connection's earlier change (at most ``wait_timeout``), then hold its turn."""
+        with self._lock:
+            turn = self._turns.setdefault(cid, _Turn())
+            turn.users += 1
+        try:
+            if not turn.lock.acquire(timeout=self.wait_timeout):
+                raise ApiError.one(
+                    504,
+                    "change_timeout",
+                    f"an earlier change of connection {cid} has waited {self.wait_timeout:.0f} s for its worker "
+                    "and still holds it: GET the connection to see where it stands, then try again",
+                    parameter="id",
+                )
+            try:
+                yield
+            finally:
+                turn.lock.release()
+        finally:
+            with self._lock:
+                turn.users -= 1
+                if turn.users == 0:
+                    del self._turns[cid]
 
     def _wait(
         self,
@@ -229,12 +274,21 @@ class ConnectionService:
                     self._log.info(
                         "change_completed_late", connection_id=cid, change=what, error=None if exc is None else str(exc)
                     )
-                    if exc is not None and late_failure is not None:
-                        late_failure(exc)
-                    elif exc is None and late_success is not None:
-                        late_success()
+                    try:
+                        if exc is not None and late_failure is not None:
+                            late_failure(exc)
+                        elif exc is None and late_success is not None:
+                            late_success()
+                    except Exception as e:  # e.g. the store cannot be written: said, never lost silently
+                        self._log.error("change_late_outcome_failed", connection_id=cid, change=what, error=repr(e))
 
-            fut.add_done_callback(finish)
+            def hand_over(done: Future[Any]) -> None:  # runs on the thread that completes it: the pool's loop
+                try:
+                    self._late.submit(finish, done)
+                except RuntimeError:  # the agent is stopping: nothing left to apply it to
+                    pass
+
+            fut.add_done_callback(hand_over)
             raise ApiError.one(
                 504,
                 "change_timeout",
@@ -306,6 +360,12 @@ class ConnectionService:
         """Add a connection; returns it and the generated password (None if one was sent)."""
         engine = self._engine_or_fail()
         with self._lock:
+            cid = self._new_id()
+        with self._turn(cid):  # nobody can change it before it exists: the turn is for the record
+            return self._create(engine, cid, body, user)
+
+    def _create(self, engine: Engine, cid: str, body: dict[str, Any], user: str | None) -> tuple[Record, str | None]:
+        with self._lock:
             problems = [Problem("unknown_field", _UNKNOWN, pointer=f"/{k}") for k in body if k not in CREATE_FIELDS]
             if "connection_name" not in body:
                 problems.append(Problem("missing_field", "this field is required", pointer="/connection_name"))
@@ -314,7 +374,6 @@ class ConnectionService:
                 raise ApiError.one(
                     403, "forbidden", "this API key creates connections for its own user_id only", pointer="/user_id"
                 )
-            cid = self._new_id()
             data: dict[str, Any] = {
                 "connection_id": cid,
                 "user_id": api.user_id or user or self._settings.http.default_user_id,
@@ -350,22 +409,28 @@ class ConnectionService:
                 raise self._store_failed(e) from None
             self._put(rec)
 
-            def undo_create(_e: BaseException | None = None) -> None:
+        def undo_create(_e: BaseException | None = None) -> None:
+            with self._lock:
                 self._drop(cid)
                 self._store.delete(cid)
 
-            try:
-                self._wait(engine.apply_connection(conn), "create", cid, late_failure=undo_create)
-            except ApiError:
-                raise
-            except Exception as e:
-                undo_create()
-                raise self._engine_failed(e, cid) from None
-            self._log.info("connection_created", connection_id=cid, user_id=conn.user_id, registers=conn.registers)
-            return rec, generated
+        try:
+            self._wait(engine.apply_connection(conn), "create", cid, late_failure=undo_create)
+        except ApiError:
+            raise
+        except Exception as e:
+            undo_create()
+            raise self._engine_failed(e, cid) from None
+        self._log.info("connection_created", connection_id=cid, user_id=conn.user_id, registers=conn.registers)
+        return rec, generated
 
     def update(self, cid: str, body: dict[str, Any], user: str | None) -> Record:
         engine = self._engine_or_fail()
+        self.get(cid, user)  # 404 and 403 at once, without waiting for the connection's turn
+        with self._turn(cid):
+            return self._update(engine, cid, body, user)
+
+    def _update(self, engine: Engine, cid: str, body: dict[str, Any], user: str | None) -> Record:
         with self._lock:
             rec = self.get(cid, user)
             self._writable(rec)
@@ -417,30 +482,34 @@ class ConnectionService:
                 raise self._store_failed(e) from None
             self._put(new)
 
-            def undo_update(_e: BaseException | None = None) -> None:
+        def undo_update(_e: BaseException | None = None) -> None:
+            with self._lock:
                 self._put(rec)
                 if old_row is not None:
                     self._store.restore(old_row)
 
-            try:
-                result = self._wait(engine.apply_connection(conn), "update", cid, late_failure=undo_update)
-            except ApiError:
-                raise
-            except Exception as e:
-                undo_update()
-                raise self._engine_failed(e, cid) from None
-            self._log.info("connection_changed", connection_id=cid, applied=result)
-            return new
+        try:
+            result = self._wait(engine.apply_connection(conn), "update", cid, late_failure=undo_update)
+        except ApiError:
+            raise
+        except Exception as e:
+            undo_update()
+            raise self._engine_failed(e, cid) from None
+        self._log.info("connection_changed", connection_id=cid, applied=result)
+        return new
 
     def delete(self, cid: str, user: str | None) -> Record:
         engine = self._engine_or_fail()
-        with self._lock:
-            rec = self.get(cid, user)
-            self._writable(rec)
+        self.get(cid, user)
+        with self._turn(cid):
+            with self._lock:
+                rec = self.get(cid, user)
+                self._writable(rec)
 
             def forget() -> None:
-                self._store.delete(cid)
-                self._drop(cid)
+                with self._lock:
+                    self._store.delete(cid)
+                    self._drop(cid)
                 self._log.info("connection_deleted", connection_id=cid)
 
             if rec.running:
@@ -461,7 +530,8 @@ class ConnectionService:
     def act(self, cid: str, action: str, user: str | None) -> Record:
         """``register`` (refresh now) or ``unregister`` (and stay unregistered)."""
         engine = self._engine_or_fail()
-        with self._lock:
+        self.get(cid, user)
+        with self._turn(cid):
             rec = self.get(cid, user)
             if not (rec.running and rec.conn.registers):
                 why = "not running (over the limit at start-up)" if not rec.running else "inactive or without settings"
@@ -498,6 +568,10 @@ class ConnectionService:
     def reload(self, new: AgentSettings) -> dict[str, Any]:
         """Apply a re-read config file: only the differences (see agent/reload.py)."""
         engine = self._engine_or_fail()
+        with self._reload_lock:
+            return self._reload(engine, new)
+
+    def _reload(self, engine: Engine, new: AgentSettings) -> dict[str, Any]:
         with self._lock:
             old_file = {r.id: r.conn for r in self._records.values() if r.managed_by == "file"}
             new_file = {c.connection_id: c for c in new.connections}
@@ -543,16 +617,17 @@ class ConnectionService:
             now = self._now()
             failed: list[str] = []
             removals = {cid: engine.remove_connection(cid) for cid in d.removed}
-            for cid, fut in removals.items():
-                try:
-                    self._wait(fut, "reload remove", cid)
-                except UnknownConnectionError:
-                    pass
-                except Exception as e:
-                    failed.append(f"{cid}: {e}")
-                self._drop(cid)
-            to_apply: list[Connection] = [new_file[cid] for cid in (*d.changed, *d.added)]
-            retuned: list[str] = []
+        for cid, fut in removals.items():
+            try:
+                self._wait(fut, "reload remove", cid)
+            except UnknownConnectionError:
+                pass
+            except Exception as e:
+                failed.append(f"{cid}: {e}")
+            self._drop(cid)
+        to_apply: list[Connection] = [new_file[cid] for cid in (*d.changed, *d.added)]
+        retuned: list[str] = []
+        with self._lock:  # an API change commits before it applies: the retune reads the record it applies
             if old_settings.defaults != new.defaults:
                 for r in self._records.values():
                     if r.running and (r.managed_by == "api" or r.id in d.unchanged):
@@ -562,31 +637,31 @@ class ConnectionService:
             if keys_changed and self.api_keys is not None:
                 self.api_keys.replace_from(effective.http)
             applies = {c.connection_id: (c, engine.apply_connection(c)) for c in to_apply}
-            for cid, (conn, fut) in applies.items():
+        for cid, (conn, fut) in applies.items():
 
-                def applied_late(cid: str = cid, conn: Connection = conn) -> None:
-                    if cid in new_file:
-                        old = self._records.get(cid)
-                        created = old.created_at if old is not None else now
-                        self._put(Record(conn, "file", None, None, created, now))
-
-                try:
-                    self._wait(fut, "reload apply", cid, late_success=applied_late)
-                except Exception as e:
-                    failed.append(f"{cid}: {e}")
-                    self._log.error("reload_connection_failed", connection_id=cid, error=str(e))
-                    continue
+            def applied_late(cid: str = cid, conn: Connection = conn) -> None:
                 if cid in new_file:
                     old = self._records.get(cid)
                     created = old.created_at if old is not None else now
                     self._put(Record(conn, "file", None, None, created, now))
-            return {
-                "added": list(d.added),
-                "removed": list(d.removed),
-                "changed": list(d.changed),
-                "unchanged": len(d.unchanged),
-                "policy_retuned": retuned,
-                "failed": failed,
-                "api_keys_reloaded": keys_changed,
-                "needs_restart": sorted(set(restart)),
-            }
+
+            try:
+                self._wait(fut, "reload apply", cid, late_success=applied_late)
+            except Exception as e:
+                failed.append(f"{cid}: {e}")
+                self._log.error("reload_connection_failed", connection_id=cid, error=str(e))
+                continue
+            if cid in new_file:
+                old = self._records.get(cid)
+                created = old.created_at if old is not None else now
+                self._put(Record(conn, "file", None, None, created, now))
+        return {
+            "added": list(d.added),
+            "removed": list(d.removed),
+            "changed": list(d.changed),
+            "unchanged": len(d.unchanged),
+            "policy_retuned": retuned,
+            "failed": failed,
+            "api_keys_reloaded": keys_changed,
+            "needs_restart": sorted(set(restart)),
+        }

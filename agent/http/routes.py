@@ -3,16 +3,21 @@ operator's ``/admin`` (what ``uac-agent status`` and ``uac-agent reload`` use).
 
 They read the immutable status snapshots the worker pool publishes (``AgentState``),
 never pjsua2. Endpoints that may wait (the pool's health check, a reload) are plain
-``def``: FastAPI runs them in its thread pool, never on the event loop.
+``def``: FastAPI runs them in its thread pool, never on the event loop. The probes and
+the metrics run on threads of their own (``PROBE_THREADS``): API requests waiting for a
+stuck worker can fill the shared pool, never starve ``/healthz``, ``/readyz`` or ``/metrics``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
+import anyio.to_thread
+from anyio import CapacityLimiter
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -40,6 +45,15 @@ __all__ = ["RELOAD_WAIT_SEC", "AgentState", "router"]
 
 SERVED_CREDENTIAL_TYPE = "uac_third-party_credential"
 RELOAD_WAIT_SEC = 120.0  # POST /admin/reload waits this long for the outcome, then 504
+PROBE_THREADS = 4  # threads of the probes and the metrics, apart from the API's pool
+_probes: CapacityLimiter | None = None  # made on the HTTP loop's thread, at the first probe
+
+
+async def _on_probe_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    global _probes
+    if _probes is None:
+        _probes = CapacityLimiter(PROBE_THREADS)
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=_probes)
 
 
 def _no_problem() -> str | None:
@@ -127,8 +141,8 @@ def registration_status(who: Who, q: Annotated[StatusQuery, Depends(status_query
         **error_responses(),
     },
 )
-def healthz(state: State) -> JSONResponse:
-    problem = state.health()
+async def healthz(state: State) -> JSONResponse:
+    problem = await _on_probe_thread(state.health)
     body = {"status": problem or "ok", "sip_thread": problem is None}
     return JSONResponse(body, status_code=200 if problem is None else 503)
 
@@ -144,8 +158,13 @@ def healthz(state: State) -> JSONResponse:
         **error_responses(e400="An unknown query parameter, or registered is not 'all'."),
     },
 )
-def readyz(q: Annotated[ReadyQuery, Depends(ready_query)], state: State) -> JSONResponse:
+async def readyz(q: Annotated[ReadyQuery, Depends(ready_query)], state: State) -> JSONResponse:
     """``?registered=all``: also every registering connection registered (503 listing the others)."""
+    result: JSONResponse = await _on_probe_thread(_readiness, q, state)
+    return result
+
+
+def _readiness(q: ReadyQuery, state: AgentState) -> JSONResponse:
     waiting = sorted(cid for cid, st in state.statuses().items() if st.connection.registers and not st.registered)
     problem = None if state.ready() else "starting or stopping"
     problem = problem or state.health() or state.unready()
@@ -169,8 +188,9 @@ def readyz(q: Annotated[ReadyQuery, Depends(ready_query)], state: State) -> JSON
         **error_responses(),
     },
 )
-def metrics(registry: Annotated[CollectorRegistry, Depends(_registry)]) -> Response:
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(registry: Annotated[CollectorRegistry, Depends(_registry)]) -> Response:
+    text: bytes = await _on_probe_thread(generate_latest, registry)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
 
 
 def _operator(who: Principal) -> None:

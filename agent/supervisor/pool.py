@@ -121,6 +121,8 @@ class _Worker:
     log: Any = None
     restart_handle: asyncio.TimerHandle | None = None
     outbox: list[m.Command] = field(default_factory=list)  # sent once the socket is connected
+    generation: int = 0  # counts its launches: a task for an earlier process sees it was replaced
+    spawning: bool = False  # the launcher is starting its process (off the loop)
 
 
 @dataclass
@@ -173,6 +175,8 @@ class WorkerPool:
         self._built: dict[str, tuple[EdgeConnection, tuple[m.Hop | None, ...]]] = {}  # by _spec, for _to_edge
         # DNS lookups run here, never on the loop thread (nor, in the workers, on a SIP thread).
         self._dns = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="dns")
+        # Processes are started here: the launcher waits for the zygote (up to its timeout), the loop never does.
+        self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawn")
         self._refreshing: set[str] = set()
         self._prints: dict[str, tuple[object, ...]] = {}  # fingerprints from the DNS threads, by connection
 
@@ -300,6 +304,7 @@ class WorkerPool:
         if not t.is_alive():
             self._loop.close()
         self._dns.shutdown(wait=False, cancel_futures=True)
+        self._spawner.shutdown(wait=False, cancel_futures=True)
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         if not self.alive:
@@ -388,7 +393,9 @@ class WorkerPool:
             if w.state in ("starting", "running", "retiring"):
                 self._send(w, m.Shutdown(timeout, reason="the agent is stopping"))
         deadline = time.monotonic() + timeout + 2.0
-        while time.monotonic() < deadline and any(w.state != "gone" and w.proc for w in self._workers.values()):
+        while time.monotonic() < deadline and any(
+            w.state != "gone" and (w.proc or w.spawning) for w in self._workers.values()
+        ):
             await asyncio.sleep(0.02)
         for w in self._workers.values():
             if w.state != "gone" and w.proc is not None:
@@ -456,6 +463,7 @@ class WorkerPool:
         w.state = "starting"
         w.ready = self._loop.create_future()
         w.pid = None
+        w.generation += 1
         w.started_at = time.monotonic()
         w.last_pong = w.started_at
         s = self._settings
@@ -468,17 +476,24 @@ class WorkerPool:
             log_level=s.sip.stack_log_level,
             trace=s.sip.trace,
         )
+        start = m.Start(worker=k, stack=stack, log_level=s.log.level, shutdown_timeout_sec=s.shutdown_timeout_sec)
+        w.spawning = True  # commands sent meanwhile wait in its outbox
+        self._track(self._loop.create_task(self._spawn(w, start)))
+
+    async def _spawn(self, w: _Worker, start: m.Start) -> None:
+        """Start ``w``'s process on the spawn thread, then talk to it."""
         try:
-            proc = self._launcher.launch(k)
+            proc = await self._loop.run_in_executor(self._spawner, self._launcher.launch, w.index)
         except Exception as e:
+            w.spawning = False
             w.log.error("worker_launch_failed", error=str(e))
-            self._track(self._loop.create_task(self._on_exit(w, None, f"could not be started: {e}")))
+            await self._on_exit(w, None, f"could not be started: {e}")
             return
+        w.spawning = False
         w.proc = proc
         w.pid = proc.pid
         proc.sock.setblocking(False)
-        start = m.Start(worker=k, stack=stack, log_level=s.log.level, shutdown_timeout_sec=s.shutdown_timeout_sec)
-        self._track(self._loop.create_task(self._serve(w, proc, start)))
+        await self._serve(w, proc, start)
 
     def _track(self, task: asyncio.Future[Any]) -> None:
         self._tasks.add(task)
@@ -542,6 +557,7 @@ class WorkerPool:
         was = w.state
         w.proc = None
         w.pid = None
+        w.outbox.clear()
         for fut, _ in w.pending.values():
             if not fut.done():
                 fut.set_exception(WorkerLostError(f"worker {w.index} stopped ({reason}) before it answered"))
@@ -653,7 +669,7 @@ class WorkerPool:
     def _send(self, w: _Worker, *msgs: m.Command) -> bool:
         """Send to ``w`` (queued while its process starts); False when it cannot be reached."""
         if w.writer is None:
-            if w.state == "starting" and w.proc is not None:
+            if w.state == "starting" and (w.proc is not None or w.spawning):
                 w.outbox.extend(msgs)
                 return True
             return False
@@ -676,7 +692,7 @@ class WorkerPool:
     ) -> asyncio.Future[m.Done]:
         """Apply ``conn`` on ``w`` once its host names are looked up (start-up, restart)."""
         cid = conn.connection_id
-        proc = w.proc
+        generation = w.generation
 
         async def send() -> m.Done:
             spec, expires = await self._spec(conn, at_once)
@@ -684,7 +700,7 @@ class WorkerPool:
             if p is not None and p.conn == conn:
                 p.spec, p.dns_expires = spec, expires
                 await self._to_edge(conn)
-            if w.proc is not proc:
+            if w.generation != generation:
                 raise asyncio.CancelledError  # replaced meanwhile: the replacement is sent its own
             fut = self._request(w, lambda r: m.Apply(r, spec), cid)
             if unregister_after:

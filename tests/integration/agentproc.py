@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -72,21 +73,33 @@ class AgentProcess:
         self.config_path.write_text(json.dumps(config))
         self.log_path = workdir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.nofile: int | None = None
+        self.unread_stdout = False
 
     def worker_port(self, worker: int) -> int:
         """Worker ``worker``'s loopback SIP port (only the edge talks to it)."""
         return self.loopback_port + 10 + worker
 
     def start(self, timeout: float = 20.0, env: dict[str, str] | None = None) -> AgentProcess:
+        """Run it; with ``self.nofile``, at that soft open-file limit (systemd's default is 1024; the
+        hard one is kept); with ``self.unread_stdout``, its stdout and stderr on a pipe that nobody
+        reads (its log is then lost)."""
+        nofile, unread_stdout = self.nofile, self.unread_stdout
         env = {**os.environ, **(env or {})}
         env.pop("UAC_AGENT_CONFIG", None)
+
+        def limits() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "agent", "run", "--config", str(self.config_path)],
-                stdout=log,
+                stdout=subprocess.PIPE if unread_stdout else log,
                 stderr=subprocess.STDOUT,
                 cwd=Path(__file__).resolve().parents[2],
                 env=env,
+                preexec_fn=limits if nofile is not None else None,
             )
         self.wait_for(lambda: self.http_get("/healthz")[0] == 200, timeout, "agent /healthz")
         return self

@@ -74,8 +74,11 @@ def kamailio(tmp_path_factory: pytest.TempPathFactory, pki: dict[str, Path]) -> 
 def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
     started: list[AgentProcess] = []
 
-    def make(connections: list[dict[str, Any]], **sections: Any) -> AgentProcess:
+    def make(
+        connections: list[dict[str, Any]], nofile: int | None = None, unread_stdout: bool = False, **sections: Any
+    ) -> AgentProcess:
         a = AgentProcess(tmp_path / f"agent{len(started)}", connections, **sections)
+        a.nofile, a.unread_stdout = nofile, unread_stdout
         started.append(a)
         return a.start()
 

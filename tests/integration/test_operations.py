@@ -103,6 +103,55 @@ def test_systemd_notify_ready_status_watchdog_reload_stopping(
     assert not [e for e in agent.logs() if e.get("event") in ("sd_notify_failed", "watchdog_withheld")]
 
 
+def test_a_reload_waiting_for_a_stopped_worker_never_starves_the_watchdog(
+    kamailio: Kamailio, tmp_path: Path, notify: NotifySocket
+) -> None:
+    """A reload runs on a thread of its own: while it waits for a worker (here stopped), the main
+    loop keeps pinging the watchdog, well within WatchdogSec (3 s here)."""
+    port = kamailio.cfg.port
+    agent = AgentProcess(
+        tmp_path / "agent",
+        [
+            connection("c-alice", f"sip:127.0.0.1:{port}", "UDP", "alice"),
+            connection("c-bob", f"sip:127.0.0.1:{port}", "UDP", "bob"),
+        ],
+        workers={"connections_per_worker": 1},
+    )
+    agent.start(env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "3000000"})
+    stopped = None
+    try:
+        agent.wait_for(lambda: "READY=1" in notify.lines(), 10, "READY=1")
+        agent.wait_for(lambda: agent.status("c-alice")["registered"], 10, "alice registered")
+        stopped = agent.status("c-alice")["sip_registration_details"]["worker_pid"]
+        config = json.loads(agent.config_path.read_text())
+        config["connections"][0]["external_uac_settings"]["expiration_sec"] = 240  # alice's worker must apply it
+        agent.config_path.write_text(json.dumps(config))
+        os.kill(stopped, signal.SIGSTOP)
+        before = len(notify.messages)
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_for(lambda: "RELOADING=1" in notify.lines()[before:], 5, "the reload under way")
+        t0 = time.monotonic()
+        # the reload waits for the stopped worker (15 s) all this time: watch the pings meanwhile
+        agent.wait_for(
+            lambda: sum(1 for t, m in notify.messages[before:] if t >= t0 and m == "WATCHDOG=1") >= 6,
+            12,
+            "six watchdog pings while the reload waits",
+        )
+        window = [(t, m) for t, m in notify.messages[before:] if t >= t0]
+        assert "READY=1" not in [m for _, m in window], "the reload should still be waiting"
+        pings = [t for t, m in window if m == "WATCHDOG=1"]
+        gaps = [b - a for a, b in zip([t0, *pings], [*pings, time.monotonic()], strict=True)]
+        assert max(gaps) < 3.0, gaps
+        assert agent.http_get("/healthz")[0] == 200
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+    agent.wait_for(lambda: "READY=1" in notify.lines()[before:], 30, "READY=1 once the reload is done")
+    assert agent.terminate() == 0
+    assert not [e for e in agent.logs() if e.get("event") == "watchdog_withheld"]
+
+
 def test_status_register_unregister_and_reload_commands(kamailio: Kamailio, tmp_path: Path) -> None:
     agent = agent_with_a_failing_connection(kamailio, tmp_path).start()
     try:

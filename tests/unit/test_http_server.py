@@ -48,12 +48,13 @@ def serve() -> Iterator[Callable[..., Served]]:
         statuses: Callable[[], dict[str, ConnectionStatus]] = dict,
         health: Callable[[], str | None] = lambda: None,
         idle_sec: int = 15,
+        **bounds: Any,
     ) -> Served:
         stream = io.StringIO()
         log = configure_logging("json", "debug", stream)
         state = AgentState(statuses=statuses, health=health)
         app = create_app(ApiKeys(KEY), state, CollectorRegistry(), log)
-        srv = HttpServer("127.0.0.1", 0, app, log, idle_sec=idle_sec)
+        srv = HttpServer("127.0.0.1", 0, app, log, idle_sec=idle_sec, **bounds)
         srv.start()
         servers.append(srv)
         return Served(srv.port, stream)
@@ -330,3 +331,94 @@ def test_a_port_already_taken_is_http_listen_failed_and_exit_1(
     (line,) = [json.loads(x) for x in out.splitlines() if "http_listen_failed" in x]
     assert line["listen"] == f"127.0.0.1:{port}" and line["error"] == "Address already in use"
     assert err == ""
+
+
+# -- bounds ------------------------------------------------------------------------------
+
+
+def closed_within(s: socket.socket, limit: float) -> tuple[bool, bytes]:
+    """Whether the server closed ``s`` within ``limit`` seconds, and what it sent first."""
+    s.settimeout(limit)
+    data = b""
+    try:
+        while chunk := s.recv(4096):
+            data += chunk
+    except TimeoutError:
+        return False, data
+    except ConnectionResetError:
+        pass
+    return True, data
+
+
+def test_a_request_not_complete_in_time_is_answered_408_and_closed(serve: Callable[..., Served]) -> None:
+    served = serve(request_sec=1.0)
+    partial = [
+        b"G",  # one byte of a request line
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\n",  # headers never finished
+    ]
+    for request in partial:
+        with socket.create_connection(("127.0.0.1", served.port), timeout=5) as s:
+            s.sendall(request)
+            closed, data = closed_within(s, 5.0)
+            assert closed, request
+            assert data.startswith(b"HTTP/1.1 408 "), (request, data)
+    # a request sent whole is not hurried: the connection then waits for the next as before
+    with socket.create_connection(("127.0.0.1", served.port), timeout=5) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert answer(s)[0] == 200
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert answer(s)[0] == 200
+
+
+def test_past_the_connection_cap_a_probe_still_gets_in_and_a_flood_is_closed(serve: Callable[..., Served]) -> None:
+    from agent.http.server import OVERFLOW
+
+    served = serve(max_connections=16, request_sec=30.0)
+    held = []
+    for _ in range(16):  # every slot held by a client that sent one byte
+        s = socket.create_connection(("127.0.0.1", served.port), timeout=5)
+        s.sendall(b"G")
+        held.append(s)
+    try:
+        # the server has them all: a probe's connection is one past the cap, and is served once
+        status, _, _ = exchange(served.port, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n", timeout=5)
+        assert status == 200
+        flood = []
+        for _ in range(OVERFLOW + 20):
+            s = socket.create_connection(("127.0.0.1", served.port), timeout=5)
+            s.sendall(b"G")
+            flood.append(s)
+        outcomes = [closed_within(s, 5.0) for s in flood]
+        assert all(closed for closed, _ in outcomes)  # the overflow ones within OVERFLOW_SEC, the rest at once
+        assert not any(data for _, data in outcomes[OVERFLOW:])  # past the overflow: closed unanswered
+        for s in flood:
+            s.close()
+        status, _, _ = exchange(served.port, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n", timeout=5)
+        assert status == 200  # the flood gone, probes get in again though the 16 are still held
+        assert served.events("http_connections_capped")
+        assert all(not closed_within(s, 0.1)[0] for s in held)  # the 16 wait for their own timeout
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_body_not_complete_in_time_is_answered_408_and_closed(tmp_path: Path) -> None:
+    with running_agent(settings_for(tmp_path, [])) as h:
+        keys = ApiKeys(KEY)
+        app = create_app(
+            keys, AgentState(statuses=h.pool.statuses), CollectorRegistry(), structlog.get_logger(), h.service
+        )
+        srv = HttpServer("127.0.0.1", 0, app, structlog.get_logger(), request_sec=1.0)
+        srv.start()
+        try:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+                s.sendall(
+                    f"POST /v2/uac_connections HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {KEY}\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 40\r\n\r\n{".encode()
+                )
+                closed, data = closed_within(s, 5.0)
+            assert closed
+            assert data.startswith(b"HTTP/1.1 408 "), data
+            assert h.service.visible(None) == []  # nothing half-read was acted on
+        finally:
+            srv.stop()

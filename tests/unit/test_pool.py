@@ -8,11 +8,14 @@ processes, Kamailio and SIGKILL.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import generate_latest
 
+from agent.supervisor.launcher import Launched
 from tests.unit.apifakes import EXT, Harness, running_agent, settings_for
 
 BASE = "/v2/uac_connections"
@@ -145,3 +148,31 @@ def test_a_message_a_worker_should_not_send_is_logged_and_the_pool_carries_on(tm
         h.wait(lambda: bool(events(h, "worker_event_unknown")), what="logged")
         assert events(h, "worker_event_unknown")[0]["event_type"] == "Ping"
         assert h.pool.register_now("c0").result(5) in ("REGISTERING", "REGISTERED")  # still served
+
+
+def test_a_launcher_that_hangs_never_blocks_the_pools_loop(tmp_path: Path) -> None:
+    """The launcher waits for the zygote (up to 30 s); the pool's loop keeps answering meanwhile."""
+    with running_agent(settings_for(tmp_path, [conn(i) for i in range(6)])) as h:
+        ids = [f"c{i}" for i in range(6)]
+        h.wait(lambda: all_registered(h, ids), what="all registered")
+        gate = threading.Event()
+        entered = threading.Event()
+        launch = h.launcher.launch
+
+        def slow_launch(index: int) -> Launched:
+            entered.set()
+            assert gate.wait(20)
+            return launch(index)
+
+        h.launcher.launch = slow_launch  # type: ignore[method-assign]
+        h.launcher.workers[1].kill()  # c4, c5: its replacement's launch hangs
+        assert entered.wait(5)
+        for _ in range(5):
+            t0 = time.monotonic()
+            assert h.pool.health(timeout=1.0) is None
+            h.pool._health_seen = None  # ask the loop itself each time, not the cached answer
+            assert time.monotonic() - t0 < 1.0
+            time.sleep(0.1)
+        assert h.pool.statuses()["c0"].registered
+        gate.set()
+        h.wait(lambda: all_registered(h, ids), what="c4 and c5 back on the replacement")
